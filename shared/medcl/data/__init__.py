@@ -1,0 +1,8 @@
+"""Data: phantom generator, MSD datalists and splits, input checks, transforms."""
+
+from medcl.data.checks import check_datalist
+from medcl.data.datalists import inference_datalist
+from medcl.data.dataset_info import DatasetInfo, read_dataset_info
+from medcl.data.intensity import ScaleIntensityByModalityd
+from medcl.data.patches import RandPatchWithPositiond, as_patch_size, volume_pad_size
+from medcl.data.splits import load_splits, num_labelled_cases, split_datalist

@@ -1,0 +1,35 @@
+"""Datalists for inference: a dataset's ``test`` images, or every NIfTI file of a folder."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from monai.data import load_decathlon_datalist
+
+from medcl.data.checks import check_datalist
+from medcl.data.dataset_info import dataset_json_path
+from medcl.errors import MedclInputError
+
+__all__ = ["inference_datalist"]
+
+
+def inference_datalist(dataset_dir: str | None = None, input_dir: str | None = None, check: str = "header") -> list[dict]:
+    """Images to segment: ``*.nii.gz``/``*.nii`` files of ``input_dir`` if given, else the dataset's ``test`` list.
+
+    Raises:
+        MedclInputError: when neither source yields an image, or a file is missing or unreadable.
+    """
+    if input_dir:
+        files = sorted(glob.glob(os.path.join(input_dir, "*.nii.gz")) + glob.glob(os.path.join(input_dir, "*.nii")))
+        origin = input_dir
+        items = [{"image": f} for f in files]
+    else:
+        origin = dataset_json_path(dataset_dir)
+        try:
+            items = load_decathlon_datalist(origin, is_segmentation=False, data_list_key="test")
+        except ValueError:
+            items = []
+    if not items:
+        raise MedclInputError(f"No images to segment in {origin}: pass --input_dir with .nii.gz files.")
+    return check_datalist(items, keys=("image",), level=check, origin=origin, name="inference")

@@ -1,0 +1,48 @@
+"""Intensity normalisation chosen by modality: CT window in HU, or percentile scaling for MR and others."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
+
+__all__ = ["ScaleIntensityByModalityd"]
+
+
+class ScaleIntensityByModalityd(MapTransform):
+    """Scale intensities to [0, 1] as the dataset's modality calls for.
+
+    ``CT``: clip to ``ct_window`` (HU) and map it linearly to [0, 1] (:class:`monai.transforms.ScaleIntensityRanged`).
+    Anything else (MR, ...): map the ``percentiles`` (default 1st–99th) of each volume to [0, 1] and clip
+    (:class:`monai.transforms.ScaleIntensityRangePercentilesd`), as is usual for MR whose intensities have no unit.
+
+    Args:
+        keys: image keys.
+        modality: the dataset's modality (``dataset.json`` ``modality["0"]``), case-insensitive.
+        ct_window: ``(low, high)`` HU window for CT.
+        percentiles: ``(lower, upper)`` percentiles for other modalities.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        modality: str = "CT",
+        ct_window: Sequence[float] = (-175.0, 250.0),
+        percentiles: Sequence[float] = (1.0, 99.0),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modality = str(modality).upper()
+        if self.modality == "CT":
+            lo, hi = ct_window
+            self.scaler = ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True,
+                                               allow_missing_keys=allow_missing_keys)
+        else:
+            lo, hi = percentiles
+            self.scaler = ScaleIntensityRangePercentilesd(keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True,
+                                                          allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        return self.scaler(data)

@@ -1,0 +1,5 @@
+"""Workflow pieces the bundles share: inferers, distributed set-up, checkpoint helpers."""
+
+from medcl.workflows.checkpoints import require_checkpoint
+from medcl.workflows.distributed import ddp_device, init_process_group, is_rank0
+from medcl.workflows.inferers import volume_inferer
