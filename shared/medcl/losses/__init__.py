@@ -1,0 +1,7 @@
+"""Losses, one concept per module, each written from its paper's equation."""
+
+from medcl.losses.barlow_twins_pixel import BarlowTwinsPixelLoss, pixel_cross_correlation
+from medcl.losses.dense_supcon import DenseSupConLoss
+from medcl.losses.feature_consistency import FeatureConsistencyLoss
+from medcl.losses.label_consistency import LabelConsistencyLoss, label_relation, namespace_labels
+from medcl.losses.supcon import PositionalSupConLoss, SupConLoss, positional_positive_mask, supcon_loss
