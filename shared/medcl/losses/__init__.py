@@ -5,3 +5,4 @@ from medcl.losses.dense_supcon import DenseSupConLoss
 from medcl.losses.feature_consistency import FeatureConsistencyLoss
 from medcl.losses.label_consistency import LabelConsistencyLoss, label_relation, namespace_labels
 from medcl.losses.supcon import PositionalSupConLoss, SupConLoss, positional_positive_mask, supcon_loss
+from medcl.losses.local_contrastive import LocalContrastiveLoss, make_pairs
