@@ -1,0 +1,6 @@
+"""Networks: feature taps on any MONAI network, projection heads, method-specific wrappers."""
+
+from medcl.networks.contrastive_head import ContrastiveHead
+from medcl.networks.feature_taps import FeatureTaps
+from medcl.networks.macl import BACKBONE_TAPS, MACLPretrainModel, pretrained_prefixes
+from medcl.networks.projectors import ImageProjector, PixelProjector

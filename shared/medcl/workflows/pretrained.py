@@ -1,0 +1,287 @@
+# Copyright (c) medcl contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Initialise part of a network (e.g. encoder + first decoder blocks) from a pre-training checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from medcl.errors import MedclInputError
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["PretrainedLoader", "load_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOW_TO_MAKE = (
+    "run the MACL pre-training first: python -m monai.bundle run --config_file bundles/macl/configs/pretrain.json "
+    "(it writes the checkpoint that train.json's pretrained_ckpt points to)"
+)
+_SHOWN = 5
+
+
+def _under(key: str, prefixes: Sequence[str] | None) -> bool:
+    """``key`` is under prefix ``p`` when ``key == p`` or it starts with ``p + "."`` (``p`` if it ends in ".")."""
+    if prefixes is None:
+        return True
+    for p in prefixes:
+        if p == "" or key == p or key.startswith(p if p.endswith(".") else p + "."):
+            return True
+    return False
+
+
+def _rename(key: str, name_map: Mapping[str, str] | None) -> str:
+    """Apply ``name_map`` in order: a pattern starting with ``^`` is a regex (first match), else a literal prefix."""
+    for pattern, repl in (name_map or {}).items():
+        if pattern.startswith("^"):
+            key = re.sub(pattern, repl, key, count=1)
+        elif key.startswith(pattern):
+            key = repl + key[len(pattern) :]
+    return key
+
+
+def _extract_state_dict(obj: Any, key: str | None, path: str) -> Mapping[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint: ``obj[key]`` if present, else ``obj`` itself if it is one."""
+    if isinstance(obj, Mapping):
+        if key is not None and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        if isinstance(obj, Mapping) and not obj:
+            raise MedclInputError(f"{path}: the checkpoint is empty.")
+        entries = ", ".join(f"{k!r}" for k in list(obj)[:10])
+        raise MedclInputError(
+            f"{path}: no state dict under key {key!r} and the file is not a state dict itself (entries: {entries}). "
+            "Pass key=<the entry holding the network's weights> (MONAI's CheckpointSaver uses the save_dict names)."
+        )
+    raise MedclInputError(f"{path}: expected a dict (state dict or {{key: state dict}}), got {type(obj).__name__}.")
+
+
+def _common_prefix_hint(keys: Sequence[str]) -> str:
+    """Suggest a name_map when most checkpoint keys share a first component (``module.``, ``backbone.``)."""
+    firsts = Counter(k.split(".", 1)[0] for k in keys if "." in k)
+    if not firsts:
+        return ""
+    first, count = firsts.most_common(1)[0]
+    if count == len(keys):
+        return f" All checkpoint keys start with {first + '.'!r}: pass name_map={{{first + '.'!r}: ''}} to strip it."
+    return ""
+
+
+def load_pretrained(
+    network: nn.Module,
+    checkpoint_path: str | os.PathLike,
+    prefixes: Sequence[str] | None = None,
+    key: str | None = "model",
+    strict: bool = True,
+    name_map: Mapping[str, str] | None = None,
+    map_location: str | torch.device = "cpu",
+    how_to_make: str = DEFAULT_HOW_TO_MAKE,
+) -> dict[str, list]:
+    """
+    Copy the weights of ``network``'s modules under ``prefixes`` from a checkpoint; everything else is untouched.
+
+    The checkpoint is read with ``torch.load(..., weights_only=True)``. It may be ``{key: state_dict, ...}``
+    (e.g. ``{"model": ...}``) or a raw state dict (what MONAI's ``CheckpointSaver`` writes when its
+    ``save_dict`` has a single entry). ``name_map`` renames checkpoint keys before matching, in order: a pattern
+    starting with ``^`` is a regular expression (``re.sub``, first match), any other pattern a literal prefix,
+    e.g. ``{"module.": ""}`` (DDP), ``{"backbone.": ""}`` (a :class:`~medcl.networks.macl.MACLPretrainModel`
+    saved whole) or ``{"^online_decoder\\.": "decoder."}``.
+
+    A network key is *targeted* when it lies under one of ``prefixes`` (all keys when ``prefixes`` is None);
+    ``key == p`` or ``key.startswith(p + ".")``. ``network`` wrapped in DDP/DataParallel is unwrapped.
+
+    Args:
+        network: the network to initialise (in place).
+        checkpoint_path: the checkpoint file.
+        prefixes: module-name prefixes to load, e.g. :func:`medcl.networks.macl.pretrained_prefixes`. None: all.
+        key: entry of the checkpoint dict holding the state dict; ignored when absent (raw state dict).
+            Defaults to ``"model"``.
+        strict: raise when a targeted key is missing from the checkpoint, has another shape, when nothing is
+            loaded, or when a prefix matches no key of ``network``. False: load what matches and log the rest.
+        name_map: renames of checkpoint keys, see above.
+        map_location: passed to ``torch.load``. Defaults to ``"cpu"``.
+        how_to_make: how to create the checkpoint, used in the "file not found" message.
+
+    Returns:
+        ``{"loaded": [keys], "skipped": [checkpoint keys (renamed) not loaded: not in the network or outside
+        prefixes], "missing": [targeted network keys absent from the checkpoint], "mismatched": [(key,
+        checkpoint shape, network shape)]}``.
+
+    Raises:
+        MedclInputError: for a missing or unreadable file, a checkpoint without a state dict, or (``strict``)
+            a checkpoint that does not fit the targeted part of ``network``; the message names the file and
+            lists the first few problems.
+    """
+    path = os.fspath(checkpoint_path)
+    if not os.path.isfile(path):
+        raise MedclInputError(f"{path}: pre-trained checkpoint not found. To create it, {how_to_make}.")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt file, or pickled objects other than tensors/containers
+        raise MedclInputError(f"{path}: cannot read the checkpoint with torch.load(weights_only=True): {e}") from e
+    ckpt = _extract_state_dict(obj, key, path)
+
+    if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        network = network.module
+    net_sd = network.state_dict()
+    prefixes = None if prefixes is None else [prefixes] if isinstance(prefixes, str) else list(prefixes)
+    targeted = [k for k in net_sd if _under(k, prefixes)]
+    unused_prefixes = [p for p in (prefixes or []) if not any(_under(k, [p]) for k in net_sd)]
+
+    loaded, skipped, mismatched, to_load = [], [], [], {}
+    for raw_key, value in ckpt.items():
+        name = _rename(raw_key, name_map)
+        if name not in net_sd or not _under(name, prefixes):
+            skipped.append(name)
+        elif tuple(value.shape) != tuple(net_sd[name].shape):
+            mismatched.append((name, tuple(value.shape), tuple(net_sd[name].shape)))
+        else:
+            to_load[name] = value
+            loaded.append(name)
+    mismatched_keys = {m[0] for m in mismatched}
+    missing = [k for k in targeted if k not in to_load and k not in mismatched_keys]
+    report = {"loaded": loaded, "skipped": skipped, "missing": missing, "mismatched": mismatched}
+
+    problems = []
+    if mismatched:
+        shown = "; ".join(f"{k}: checkpoint {c} vs network {n}" for k, c, n in mismatched[:_SHOWN])
+        problems.append(f"{len(mismatched)} shape mismatches ({shown}{' ...' if len(mismatched) > _SHOWN else ''})")
+    if missing:
+        problems.append(
+            f"{len(missing)} of the {len(targeted)} targeted keys are not in the checkpoint "
+            f"({', '.join(missing[:_SHOWN])}{' ...' if len(missing) > _SHOWN else ''})"
+        )
+    if not loaded:
+        problems.append("no checkpoint key matches the targeted part of the network")
+    if unused_prefixes:
+        problems.append(f"prefixes {unused_prefixes} match no key of {type(network).__name__}")
+    if strict and problems:
+        ckpt_keys = list(ckpt)
+        hint = _common_prefix_hint(ckpt_keys) if not loaded else ""
+        raise MedclInputError(
+            f"{path}: the checkpoint does not fit {type(network).__name__}"
+            f"{' under prefixes ' + str(prefixes) if prefixes is not None else ''}: " + "; ".join(problems) + ". "
+            f"First checkpoint keys: {ckpt_keys[:_SHOWN]}.{hint} Was it saved from a network with the same "
+            "configuration (network_def)? Pass strict=False to load only the matching weights."
+        )
+
+    if to_load:
+        result = network.load_state_dict(to_load, strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys  # selected from network.state_dict()
+    logger.info(
+        "%s: loaded %d tensors into %s (%d skipped, %d missing, %d shape mismatches).",
+        path, len(loaded), type(network).__name__, len(skipped), len(missing), len(mismatched),
+    )
+    if problems:
+        logger.warning("%s: partial load (strict=False): %s.", path, "; ".join(problems))
+    if skipped:
+        logger.log(
+            logging.WARNING if not strict else logging.INFO,
+            "%s: skipped checkpoint keys (not in the network or outside the prefixes): %s",
+            path, ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""),
+        )
+    return report
+
+
+class PretrainedLoader:
+    """
+    Ignite handler that initialises ``network`` from a pre-training checkpoint with :func:`load_pretrained` when
+    the engine starts (``Events.STARTED``, as MONAI's ``CheckpointLoader``), so a bundle's ``train#handlers``
+    can list it. The file's existence is checked at construction, so a missing pre-training checkpoint fails
+    when the config is instantiated, before data loading starts. The last report is kept in ``self.report``.
+
+    Order with a resuming ``CheckpointLoader``: list this handler first, so that a resumed fine-tuning
+    checkpoint overrides the pre-trained initialisation (handlers run in attachment order).
+
+    Example (bundle ``train.json``)::
+
+        {"_target_": "medcl.workflows.pretrained.PretrainedLoader",
+         "checkpoint_path": "@pretrained_ckpt", "network": "@network",
+         "prefixes": "$medcl.networks.macl.pretrained_prefixes(@network)"}
+
+    Args:
+        checkpoint_path: the pre-training checkpoint.
+        network: the network to initialise.
+        prefixes: module-name prefixes to load (None: all keys).
+        strict: see :func:`load_pretrained`. Defaults to True.
+        name_map: checkpoint key renames, see :func:`load_pretrained`.
+        key: checkpoint entry holding the state dict. Defaults to ``"model"``.
+        map_location: passed to ``torch.load``. Defaults to ``"cpu"``.
+        how_to_make: how to create the checkpoint, for the "not found" message.
+
+    Raises:
+        MedclInputError: at construction when the file does not exist.
+    """
+
+    def __init__(
+        self,
+        checkpoint_path: str | os.PathLike,
+        network: nn.Module,
+        prefixes: Sequence[str] | None = None,
+        strict: bool = True,
+        name_map: Mapping[str, str] | None = None,
+        key: str | None = "model",
+        map_location: str | torch.device = "cpu",
+        how_to_make: str = DEFAULT_HOW_TO_MAKE,
+    ) -> None:
+        self.checkpoint_path = os.fspath(checkpoint_path)
+        if not os.path.isfile(self.checkpoint_path):
+            raise MedclInputError(
+                f"{self.checkpoint_path}: pre-trained checkpoint not found. To create it, {how_to_make}."
+            )
+        self.network = network
+        self.prefixes = prefixes
+        self.strict = strict
+        self.name_map = name_map
+        self.key = key
+        self.map_location = map_location
+        self.how_to_make = how_to_make
+        self.report: dict[str, list] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Load at ``Events.STARTED`` of ``engine``."""
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> dict[str, list]:
+        """Load now; returns (and stores in ``self.report``) the :func:`load_pretrained` report."""
+        self.report = load_pretrained(
+            self.network,
+            self.checkpoint_path,
+            prefixes=self.prefixes,
+            key=self.key,
+            strict=self.strict,
+            name_map=self.name_map,
+            map_location=self.map_location,
+            how_to_make=self.how_to_make,
+        )
+        log = engine.logger if engine is not None and getattr(engine, "logger", None) else logger
+        log.info(
+            "PretrainedLoader: %d tensors loaded from %s (%d skipped, %d missing, %d mismatched).",
+            len(self.report["loaded"]), self.checkpoint_path, len(self.report["skipped"]),
+            len(self.report["missing"]), len(self.report["mismatched"]),
+        )
+        return self.report
