@@ -177,3 +177,36 @@ def test_volume_smaller_than_patch_is_a_clear_error():
     t = RandPatchWithPositiond(["image", "label"], patch_size=32, spatial_dims=3)
     with pytest.raises(MedclInputError, match="smaller than the patch"):
         t(_volume())
+
+
+def test_intensity_follows_modality():
+    from medcl.data import ScaleIntensityByModalityd
+
+    hu = torch.tensor([[-1000.0, -175.0, 37.5, 250.0, 900.0]])
+    ct = ScaleIntensityByModalityd("image", modality="CT", ct_window=(-175, 250))({"image": hu})["image"]
+    assert torch.allclose(ct, torch.tensor([[0.0, 0.0, 0.5, 1.0, 1.0]]))
+    mr_in = torch.linspace(0, 1000, 1001).view(1, -1)
+    mr = ScaleIntensityByModalityd("image", modality="MRI")({"image": mr_in})["image"]
+    assert float(mr.min()) == 0.0 and float(mr.max()) == 1.0
+    assert float(mr[0, 500]) == pytest.approx(0.5, abs=1e-3)  # percentile scaling, not a HU window
+
+
+def test_bundle_follows_dataset_json_classes_and_modality(phantom_dir, tmp_path):
+    """A 2-class MR dataset needs no other change: out_channels and intensity scaling follow dataset.json."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLES
+
+    ds, meta = _copy_dataset(phantom_dir, tmp_path / "ds")
+    meta["labels"] = {"0": "background", "1": "organ"}
+    meta["modality"] = {"0": "MRI"}
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "scratch_baseline" / "configs" / "train.json"))
+    parser.update({"dataset_dir": str(ds), "bundle_root": str(tmp_path)})
+    net = parser.get_parsed_content("network_def")
+    assert parser.get_parsed_content("num_classes") == 2
+    scaler = parser.get_parsed_content("preprocessing_transforms")[4]
+    assert type(scaler.scaler).__name__ == "ScaleIntensityRangePercentilesd"
+    out = net(torch.zeros(1, 1, 64, 64))
+    assert out.shape[1] == 2
