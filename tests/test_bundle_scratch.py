@@ -85,3 +85,10 @@ def test_inference_without_checkpoint_says_how_to_make_one(phantom_dir, tmp_path
     proc = run_bundle([CONFIGS / "inference.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir))
     assert proc.returncode != 0
     assert "model.pt: checkpoint not found" in proc.stdout
+
+
+def test_misspelt_override_fails_before_training(phantom_dir, tmp_path):
+    proc = run_bundle([CONFIGS / "train.json"], *_overrides(phantom_dir, tmp_path), "--max_epoch", "3")
+    assert proc.returncode != 0
+    assert "--max_epoch: no such key" in proc.stdout and "--max_epochs" in proc.stdout
+    assert not (tmp_path / "models" / "model_final.pt").exists()

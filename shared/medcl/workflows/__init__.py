@@ -4,3 +4,4 @@ from medcl.workflows.checkpoints import require_checkpoint
 from medcl.workflows.distributed import ddp_device, init_process_group, is_rank0
 from medcl.workflows.inferers import volume_inferer
 from medcl.workflows.pretrained import PretrainedLoader, load_pretrained
+from medcl.workflows.overrides import check_cli_overrides
