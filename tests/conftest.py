@@ -13,6 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: extra threads only add contention on a 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Eight 32³ phantom cases (+1 test image): enough for a 2-case validation set and a 10 % split."""

@@ -21,13 +21,7 @@ SIZE = 64  # 4-level nets at scale 0.25: the dominant bottleneck is 64 / 4 / 16 
 C_BOTTLENECK, C_LOCAL = 16, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add contention on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_backbone(kind: str, dims: int) -> nn.Module:

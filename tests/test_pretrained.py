@@ -20,12 +20,7 @@ from medcl.workflows.pretrained import PretrainedLoader, load_pretrained
 FEATURES = (4, 4, 8, 8, 16, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(seed: int, features=FEATURES) -> BasicUNet:
