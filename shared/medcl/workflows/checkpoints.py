@@ -9,12 +9,20 @@ from medcl.errors import MedclInputError
 __all__ = ["require_checkpoint"]
 
 
-def require_checkpoint(path: str, how_to_make: str = "run the bundle's train.json first") -> str:
+def require_checkpoint(
+    path: str, how_to_make: str = "run the bundle's train.json first", what: str = "checkpoint", override: str = "--ckpt_dir"
+) -> str:
     """Return ``path`` if the checkpoint exists, else raise an error that says how to create it.
+
+    Args:
+        path: checkpoint file.
+        how_to_make: the command or step that creates it.
+        what: what the file is, for the message (e.g. ``"pre-trained checkpoint"``).
+        override: the config override that points elsewhere.
 
     Raises:
         MedclInputError: when ``path`` is not a file.
     """
     if not os.path.isfile(path):
-        raise MedclInputError(f"{path}: checkpoint not found. To create it, {how_to_make} (or pass --ckpt_dir).")
+        raise MedclInputError(f"{path}: {what} not found. To create it, {how_to_make} (or pass {override}).")
     return path

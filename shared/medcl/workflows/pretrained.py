@@ -25,6 +25,7 @@ from torch import nn
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from medcl.errors import MedclInputError
+from medcl.workflows.checkpoints import require_checkpoint
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -136,9 +137,7 @@ def load_pretrained(
             a checkpoint that does not fit the targeted part of ``network``; the message names the file and
             lists the first few problems.
     """
-    path = os.fspath(checkpoint_path)
-    if not os.path.isfile(path):
-        raise MedclInputError(f"{path}: pre-trained checkpoint not found. To create it, {how_to_make}.")
+    path = require_checkpoint(os.fspath(checkpoint_path), how_to_make, "pre-trained checkpoint", "--pretrained_ckpt")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, or pickled objects other than tensors/containers
@@ -248,11 +247,9 @@ class PretrainedLoader:
         map_location: str | torch.device = "cpu",
         how_to_make: str = DEFAULT_HOW_TO_MAKE,
     ) -> None:
-        self.checkpoint_path = os.fspath(checkpoint_path)
-        if not os.path.isfile(self.checkpoint_path):
-            raise MedclInputError(
-                f"{self.checkpoint_path}: pre-trained checkpoint not found. To create it, {how_to_make}."
-            )
+        self.checkpoint_path = require_checkpoint(
+            os.fspath(checkpoint_path), how_to_make, "pre-trained checkpoint", "--pretrained_ckpt"
+        )
         self.network = network
         self.prefixes = prefixes
         self.strict = strict
