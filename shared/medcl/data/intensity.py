@@ -23,6 +23,8 @@ class ScaleIntensityByModalityd(MapTransform):
         modality: the dataset's modality (``dataset.json`` ``modality["0"]``), case-insensitive.
         ct_window: ``(low, high)`` HU window for CT.
         percentiles: ``(lower, upper)`` percentiles for other modalities.
+        modality_key: optional item key holding the item's own modality (pooled datasets of mixed modalities);
+            items without it use ``modality``.
     """
 
     def __init__(
@@ -31,18 +33,23 @@ class ScaleIntensityByModalityd(MapTransform):
         modality: str = "CT",
         ct_window: Sequence[float] = (-175.0, 250.0),
         percentiles: Sequence[float] = (1.0, 99.0),
+        modality_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.modality = str(modality).upper()
-        if self.modality == "CT":
-            lo, hi = ct_window
-            self.scaler = ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True,
-                                               allow_missing_keys=allow_missing_keys)
-        else:
-            lo, hi = percentiles
-            self.scaler = ScaleIntensityRangePercentilesd(keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True,
-                                                          allow_missing_keys=allow_missing_keys)
+        self.modality_key = modality_key
+        lo, hi = ct_window
+        self.ct_scaler = ScaleIntensityRanged(
+            keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, allow_missing_keys=allow_missing_keys
+        )
+        lo, hi = percentiles
+        self.percentile_scaler = ScaleIntensityRangePercentilesd(
+            keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True, allow_missing_keys=allow_missing_keys
+        )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        return self.scaler(data)
+        modality = self.modality
+        if self.modality_key is not None and self.modality_key in data:
+            modality = str(data[self.modality_key]).upper()
+        return self.ct_scaler(data) if modality == "CT" else self.percentile_scaler(data)

@@ -52,7 +52,9 @@ class RandPatchWithPositiond(Randomizable, MapTransform):
     :class:`monai.transforms.RandCropByPosNegLabeld`); without labels (self-supervised data) they are uniform.
 
     Input items hold channel-first 3D arrays ``(C, X, Y, Z)`` at least ``patch_size`` large (pad before).
-    Returns a list of ``num_samples`` dicts with ``(C, *patch_size)`` arrays.
+    Returns a list of ``num_samples`` dicts with ``(C, *patch_size)`` arrays (the dict itself when ``as_list`` is
+    False and ``num_samples`` is 1: a second crop of other keys, e.g. MixCL's partner patch, can then follow a
+    multi-sample crop in the same pipeline).
 
     Args:
         keys: keys of the arrays to crop (image, label, ...).
@@ -63,6 +65,7 @@ class RandPatchWithPositiond(Randomizable, MapTransform):
         pos, neg: foreground/background centre ratio.
         slice_axis: spatial axis (0, 1, 2) along which slices are taken; 2 is axial for RAS-oriented volumes.
         position_key: key receiving the normalised position (float tensor).
+        as_list: return a list even for one sample (default, as MONAI's multi-sample crops).
         allow_missing_keys: skip keys that an item lacks (e.g. ``label`` for unlabelled data).
     """
 
@@ -77,9 +80,11 @@ class RandPatchWithPositiond(Randomizable, MapTransform):
         neg: float = 1.0,
         slice_axis: int = 2,
         position_key: str = "position",
+        as_list: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        self.as_list = as_list
         self.spatial_dims = int(spatial_dims)
         self.patch_size = as_patch_size(patch_size, self.spatial_dims)
         if slice_axis not in (0, 1, 2):
@@ -112,7 +117,7 @@ class RandPatchWithPositiond(Randomizable, MapTransform):
             centres.append([int(c) for c in correct_crop_centers(centre, self.roi_size, shape)])
         return centres
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict[Hashable, torch.Tensor]]:
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict[Hashable, torch.Tensor]] | dict:
         d = dict(data)
         first = d[self.first_key(d)]
         shape = tuple(first.shape[1:])
@@ -136,4 +141,4 @@ class RandPatchWithPositiond(Randomizable, MapTransform):
                     out[key] = self.squeeze(out[key])
             out[self.position_key] = torch.tensor((centre[self.slice_axis] + 1) / depth, dtype=torch.float32)
             samples.append(out)
-        return samples
+        return samples if self.as_list or len(samples) != 1 else samples[0]

@@ -42,9 +42,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +54,7 @@ from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus, Dyn
 
 from medcl.errors import MedclInputError
 from medcl.networks.feature_taps import FeatureTaps, check_module_names
+from medcl.networks.probes import probe_mode, run_probe, tapped_prefixes
 from medcl.networks.projectors import ImageProjector, PixelProjector
 
 __all__ = [
@@ -66,7 +66,6 @@ __all__ = [
 ]
 
 _LINEAR_MODES = ("linear", "bilinear", "trilinear")
-_PROBE_SIZES = {1: (16, 32, 64, 128, 256, 512), 2: (16, 32, 64, 128, 256), 3: (16, 32, 64, 128)}
 
 
 @dataclass(frozen=True)
@@ -202,106 +201,6 @@ def resolve_taps(backbone: nn.Module, taps: BackboneTaps | Mapping | Sequence | 
     return resolved
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# shape probes: a tiny forward pass in eval mode, leaving the backbone as it was
-# ----------------------------------------------------------------------------------------------------------------------
-def _input_conv(backbone: nn.Module) -> nn.Module:
-    """The first (non-transposed) convolution in registration order: the input layer of every supported net."""
-    for module in backbone.modules():
-        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-            return module
-    raise MedclInputError(
-        f"cannot infer the input channels of {type(backbone).__name__} (no convolution); pass an example input."
-    )
-
-
-@contextmanager
-def _probe_mode(backbone: nn.Module):
-    """Eval mode (no batch-norm statistics update, batch of 1 allowed) and trainable parameters, then restore."""
-    modes = [(m, m.training) for m in backbone.modules()]
-    flags = [(p, p.requires_grad) for p in backbone.parameters()]
-    backbone.eval()
-    for p, _ in flags:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _example_inputs(
-    backbone: nn.Module,
-    spatial_dims: int | None,
-    example_input: torch.Tensor | None,
-    in_channels: int | None = None,
-    size: int | Sequence[int] | None = None,
-):
-    """Candidate probe inputs, smallest first (a single one when ``example_input`` or ``size`` is given)."""
-    if example_input is not None:
-        yield example_input
-        return
-    conv = None if in_channels is not None and spatial_dims is not None else _input_conv(backbone)
-    channels = in_channels if in_channels is not None else conv.in_channels
-    dims = spatial_dims or len(conv.kernel_size)
-    weight = next(backbone.parameters())
-    sizes = [(s,) * dims for s in _PROBE_SIZES[dims]] if size is None else [tuple(_as_size(size, dims))]
-    for spatial in sizes:
-        yield torch.zeros((1, channels, *spatial), dtype=weight.dtype, device=weight.device)
-
-
-def _as_size(size: int | Sequence[int], dims: int) -> list[int]:
-    return [int(size)] * dims if isinstance(size, int) else [int(s) for s in size]
-
-
-def _run_probe(backbone, names, spatial_dims, example_input, collect_outputs: bool, in_channels=None, size=None):
-    """Run the backbone up to the last of ``names``; return (tap outputs, {module: output grad_fn})."""
-    last_error: Exception | None = None
-    for x in _example_inputs(backbone, spatial_dims, example_input, in_channels, size):
-        grad_fns: dict[nn.Module, Any] = {}
-        handles = []
-        if collect_outputs:
-
-            def record(module, args, output):
-                if isinstance(output, torch.Tensor) and module not in grad_fns:
-                    grad_fns[module] = output.grad_fn
-
-            handles = [m.register_forward_hook(record) for m in backbone.modules()]
-        try:
-            outputs = FeatureTaps(backbone, names, stop_early=True)(x)
-            return outputs, grad_fns
-        except MedclInputError:
-            raise
-        except Exception as e:  # too small for this network: try the next size
-            last_error = e
-        finally:
-            for h in handles:
-                h.remove()
-    raise MedclInputError(
-        f"could not run {type(backbone).__name__} up to {names[-1]!r} on a probe input: {last_error}. "
-        "Pass an example input (example_input= / probe_size=) that the network accepts."
-    ) from last_error
-
-
-def _autograd_graph(roots: Sequence[torch.Tensor]) -> tuple[set, set[int]]:
-    """Nodes of the autograd graph reachable from ``roots`` and ids of the leaf tensors (parameters) in it."""
-    seen: set = set()
-    leaves: set[int] = set()
-    stack = [r.grad_fn for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.add(id(variable))
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return seen, leaves
-
-
 def pretrained_prefixes(
     backbone: nn.Module,
     taps: BackboneTaps | Mapping | Sequence | None = None,
@@ -313,13 +212,10 @@ def pretrained_prefixes(
     pre-trained checkpoint (see :func:`medcl.workflows.pretrained.load_pretrained`); everything else (later
     decoder blocks, output layer, BasicUNet++ nested nodes not feeding the taps) stays random.
 
-    Derived from the module tree, not from a per-class list: a tiny forward pass (eval mode, batch 1, no state
-    change) runs the backbone up to decoder block 2 and keeps every module whose parameters are in the autograd
-    graph of the tapped outputs (i.e. exactly the modules that receive a gradient from the MACL losses), plus
-    parameter-free modules with buffers whose output is in that graph. The result is compressed to the largest
-    subtrees that are selected entirely; modules reachable under several names (e.g. ``DynUNet``'s
-    ``bottleneck`` and ``skip_layers.next_layer...``) are listed under every name. A key ``k`` belongs to
-    prefix ``p`` when ``k == p`` or ``k`` starts with ``p + "."``.
+    Derived from the module tree, not from a per-class list (:func:`medcl.networks.probes.tapped_prefixes` on
+    the bottleneck and decoder taps): exactly the modules that receive a gradient from the MACL losses. Modules
+    reachable under several names (e.g. ``DynUNet``'s ``bottleneck`` and ``skip_layers.next_layer...``) are
+    listed under every name.
 
     Args:
         backbone: the segmentation network (not wrapped in DDP).
@@ -331,32 +227,7 @@ def pretrained_prefixes(
         the prefixes in ``named_modules`` order, e.g. ``["conv_0", "down_1", "down_2", "down_3", "down_4",
         "upcat_4", "upcat_3"]`` for :class:`~monai.networks.nets.BasicUNet`.
     """
-    resolved = resolve_taps(backbone, taps)
-    with _probe_mode(backbone), torch.enable_grad():
-        outputs, grad_fns = _run_probe(backbone, resolved.names, None, example_input, collect_outputs=True)
-        nodes, leaves = _autograd_graph([outputs[n] for n in resolved.names])
-        selected: set[int] = set()
-        for module in backbone.modules():
-            own_params = list(module.parameters(recurse=False))
-            if own_params:
-                if any(id(p) in leaves for p in own_params):
-                    selected.add(id(module))
-            elif list(module.buffers(recurse=False)) and grad_fns.get(module) in nodes:
-                selected.add(id(module))
-    # state-dict keys of every module under each of its names
-    by_name = dict(backbone.named_modules(remove_duplicate=False))
-    owner = {key: id(by_name[key.rpartition(".")[0]]) for key in backbone.state_dict(keep_vars=True)}
-    chosen = {k for k, m in owner.items() if m in selected}
-    if not chosen:
-        raise MedclInputError(f"no parameter of {type(backbone).__name__} feeds the taps {resolved.names}.")
-    prefixes: list[str] = []
-    for name, _ in backbone.named_modules(remove_duplicate=False):
-        if not name or any(name.startswith(p + ".") for p in prefixes):
-            continue
-        under = [k for k in owner if k.startswith(name + ".")]
-        if under and all(k in chosen for k in under):
-            prefixes.append(name)
-    return prefixes
+    return tapped_prefixes(backbone, resolve_taps(backbone, taps).names, example_input)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -440,8 +311,8 @@ class MACLPretrainModel(nn.Module):
         self.interp_mode = interp_mode
         self.align_corners = align_corners
 
-        with _probe_mode(backbone), torch.no_grad():
-            outputs, _ = _run_probe(
+        with probe_mode(backbone), torch.no_grad():
+            outputs, _ = run_probe(
                 backbone, self.taps.names, spatial_dims, None, False, in_channels=in_channels, size=probe_size
             )
         bottleneck_channels = int(outputs[self.taps.bottleneck].shape[1])

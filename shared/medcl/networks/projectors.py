@@ -17,7 +17,7 @@ from torch import nn
 
 from monai.networks.blocks import Convolution
 
-__all__ = ["ImageProjector", "PixelProjector"]
+__all__ = ["ImageProjector", "PixelProjector", "PointwiseProjector"]
 
 
 class PixelProjector(nn.Module):
@@ -92,3 +92,53 @@ class ImageProjector(nn.Module):
             raise ValueError(f"expected (B, C, *spatial), got {tuple(x.shape)}.")
         pooled = x.flatten(2).mean(dim=-1) if x.ndim > 2 else x
         return self.mlp(pooled)
+
+
+class PointwiseProjector(nn.Module):
+    """
+    MixCL's per-layer projector ``sigma^l``: three 1x1(x1) convolutions with channels ``[c, c, expansion * c]``
+    (``c`` = the layer's channels, ``expansion`` 2 in the paper), normalisation and activation between them
+    (not after the last one, as in Barlow Twins' projector)::
+
+        conv1x1(c -> c) -> norm -> act -> conv1x1(c -> c) -> norm -> act -> conv1x1(c -> expansion * c)
+
+    A 1x1 convolution is a per-pixel linear layer, so each pixel is projected independently and the map keeps
+    its size. Batch norm (default) normalises each channel over the ``B * H * W [* D]`` pixels of the batch.
+
+    Shapes: input ``(B, c, *spatial)``, output ``(B, expansion * c, *spatial)``.
+
+    Args:
+        in_channels: ``c``.
+        spatial_dims: number of spatial dimensions (1, 2 or 3).
+        expansion: output channels are ``expansion * c``. Defaults to 2.
+        norm: MONAI norm name or ``(name, args)``. Defaults to ``"batch"``.
+        act: MONAI activation name or ``(name, args)``. Defaults to ``"relu"``.
+    """
+
+    def __init__(
+        self, in_channels: int, spatial_dims: int, expansion: int = 2, norm: str | tuple = "batch", act: str | tuple = "relu"
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
+        if expansion < 1:
+            raise ValueError(f"expansion must be >= 1, got {expansion}.")
+        self.spatial_dims = spatial_dims
+        c = in_channels
+        self.layers = nn.Sequential(
+            Convolution(spatial_dims, c, c, kernel_size=1, norm=norm, act=act),
+            Convolution(spatial_dims, c, c, kernel_size=1, norm=norm, act=act),
+            Convolution(spatial_dims, c, expansion * c, kernel_size=1, conv_only=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``(B, c, *spatial)``.
+
+        Returns:
+            ``(B, expansion * c, *spatial)``.
+        """
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(f"expected a {self.spatial_dims}D feature map (B, C, *spatial), got {tuple(x.shape)}.")
+        return self.layers(x)
