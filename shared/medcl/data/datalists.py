@@ -28,7 +28,7 @@ def inference_datalist(dataset_dir: str | None = None, input_dir: str | None = N
         origin = dataset_json_path(dataset_dir)
         try:
             items = load_decathlon_datalist(origin, is_segmentation=False, data_list_key="test")
-        except ValueError:
+        except (ValueError, IndexError):  # no "test" key / an empty "test" list
             items = []
     if not items:
         raise MedclInputError(f"No images to segment in {origin}: pass --input_dir with .nii.gz files.")

@@ -1,0 +1,78 @@
+"""What the benchmark runs: the methods (a bundle and its overrides) and the size presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["METHODS", "PRESETS", "Method"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """
+    One benchmark entry: a bundle of ``bundles/`` and how to run it.
+
+    Attributes:
+        name: the entry's name on the command line and in the tables.
+        bundle: folder name under ``bundles/``.
+        backbone: the segmentation network, for the tables.
+        pretrain: run ``configs/pretrain.json`` once per seed before fine-tuning (reused across fractions).
+        train: overrides of the fine-tuning run (``train.json``).
+        pretrain_overrides: overrides of the pre-training run only.
+        baseline: the entry this one is compared with (same backbone and recipe from random init), for the Δ
+            columns; None for a baseline itself.
+    """
+
+    name: str
+    bundle: str
+    backbone: str
+    pretrain: bool = False
+    train: dict = field(default_factory=dict)
+    pretrain_overrides: dict = field(default_factory=dict)
+    baseline: str | None = None
+
+
+#: Every method bundle, its random-init control and MixCL's ablation rows (paper Table 2). A new bundle joins the
+#: benchmark by adding its entries here.
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("scratch", "scratch_baseline", "UNet"),
+        Method("macl", "macl", "BasicUNet", pretrain=True, baseline="macl_scratch"),
+        Method("macl_scratch", "macl", "BasicUNet", train={"init": "random"}),
+        Method("mixcl", "mixcl", "UNETR", pretrain=True, baseline="mixcl_scratch"),
+        Method("mixcl_id", "mixcl", "UNETR", pretrain=True, pretrain_overrides={"alpha": 0.0, "beta": 0.0},
+               baseline="mixcl_scratch"),
+        Method("mixcl_id_label", "mixcl", "UNETR", pretrain=True, pretrain_overrides={"beta": 0.0},
+               baseline="mixcl_scratch"),
+        Method("mixcl_scratch", "mixcl", "UNETR", train={"init": "random"}),
+    )
+}
+
+_CPU_2D = {"spatial_dims": 2, "patch_size": 64, "max_epochs": 20, "epoch_length": 20, "val_interval": 5,
+           "samples_per_volume": 4}
+_CPU_UNETR = {"spatial_dims": 3, "patch_size": [32, 32, 32], "feature_size": 8, "hidden_size": 192, "mlp_dim": 384,
+              "num_heads": 4, "max_epochs": 15, "epoch_length": 20, "val_interval": 5, "samples_per_volume": 2,
+              "learning_rate": 5e-4}
+
+#: Per-bundle overrides of every run (pre-training and fine-tuning) and the default grid of each preset.
+#:
+#: - ``cpu``: finishes in under an hour on 2 CPU cores: 2D 64² slices for the U-Nets (400 iterations), a narrow
+#:   UNETR on 32³ patches for MixCL (300 iterations, learning rate 5e-4 for pre-training and fine-tuning alike,
+#:   since 1e-4 barely moves in 300 steps);
+#: - ``paper``: the bundles' own defaults, which follow the papers (MixCL: UNETR on 96³, 1000 pre-training and 2000
+#:   fine-tuning iterations; MACL: 2D BasicUNet); for a GPU.
+PRESETS: dict[str, dict] = {
+    "cpu": {
+        "bundles": {"scratch_baseline": _CPU_2D, "macl": _CPU_2D, "mixcl": {**_CPU_UNETR, "val_interval": 5}},
+        "methods": ["scratch", "macl", "macl_scratch", "mixcl", "mixcl_scratch"],
+        "fractions": [0.1, 1.0],
+        "seeds": [0],
+    },
+    "paper": {
+        "bundles": {"scratch_baseline": {}, "macl": {}, "mixcl": {}},
+        "methods": ["scratch", "macl", "macl_scratch", "mixcl", "mixcl_scratch"],
+        "fractions": [0.05, 0.15, 1.0],
+        "seeds": [0, 1, 2],
+    },
+}
