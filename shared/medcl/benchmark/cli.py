@@ -117,7 +117,10 @@ class _Benchmark:
         keys = _config_keys(method.bundle, config)
         if config != "train.json":
             keys |= _config_keys(method.bundle, "train.json") if config == "evaluate.json" else set()
-        preset = {k: v for k, v in self.bundle_overrides.get(method.bundle, {}).items() if k in keys}
+        spec = dict(self.bundle_overrides.get(method.bundle, {}))
+        spec.update(spec.pop("pretrain", {}) if config == "pretrain.json" else {})
+        spec.pop("pretrain", None)
+        preset = {k: v for k, v in spec.items() if k in keys}
         common = {k: v for k, v in self.common.items() if k in keys}
         user = {k: v for k, v in self.user_overrides.get("*", {}).items() if k in keys}  # "*": where the key exists
         user.update(self.user_overrides.get(method.bundle, {}))  # per bundle: unknown keys fail loudly

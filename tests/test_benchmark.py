@@ -1,0 +1,122 @@
+"""The label-efficiency benchmark on a tiny grid: real bundle runs, reports, resuming, bad arguments."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from medcl.benchmark.cli import main, validate_grid
+from medcl.benchmark.report import markdown_table
+from medcl.errors import MedclInputError
+
+TINY = {"*": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "num_workers": 0, "cache_rate": 0,
+              "batch_size": 1, "samples_per_volume": 1},
+        "scratch_baseline": {"patch_size": 32}}
+GRID = dict(methods=["scratch", "mixcl"], fractions=[0.5, 1.0], seeds=[0], overrides=TINY, num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    table = main(run="tiny", out=str(out), dataset_dir=str(phantom_dir), pretrain_dataset_dirs=[str(phantom_dir)], **GRID)
+    return out / "tiny", table
+
+
+@pytest.mark.slow
+def test_tiny_grid_writes_csv_table_and_plot(tiny_run):
+    run_dir, table = tiny_run
+    with open(run_dir / "label_efficiency.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["method"], float(r["label_fraction"])) for r in rows) == [
+        ("mixcl", 0.5), ("mixcl", 1.0), ("scratch", 0.5), ("scratch", 1.0)]
+    for r in rows:
+        assert 0.0 <= float(r["mean_dice"]) <= 1.0
+        assert {"dice_liver", "dice_spleen", "train_s", "peak_rss_mib", "iterations"} <= set(r)
+        assert int(r["iterations"]) == 2 and float(r["peak_rss_mib"]) > 0
+    assert {r["pretrain_s"] != "" for r in rows if r["method"] == "mixcl"} == {True}
+    assert int([r for r in rows if r["label_fraction"] == "0.5"][0]["num_labelled"]) == 3  # 8 cases - 2 val, half
+    # one pre-training per method and seed, reused by both fractions
+    assert sorted(p.name for p in (run_dir / "pretrain").iterdir()) == ["mixcl_s0"]
+    assert "| scratch | UNet |" in table and "| mixcl | UNETR |" in table
+    assert (run_dir / "label_efficiency.md").read_text().count("\n|") >= 3
+    assert (run_dir / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_cells(tiny_run, phantom_dir, capsys):
+    run_dir, _ = tiny_run
+    logs = {p: p.stat().st_mtime_ns for p in run_dir.glob("**/*.log")}
+    main(run="tiny", out=str(run_dir.parent), dataset_dir=str(phantom_dir), pretrain_dataset_dirs=[str(phantom_dir)], **GRID)
+    assert capsys.readouterr().out.count("done, skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("**/*.log")} == logs
+
+
+@pytest.mark.slow
+def test_killed_benchmark_resumes_without_redoing_finished_cells(phantom_dir, tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--run", "killed", "--out", str(tmp_path),
+           "--dataset_dir", str(phantom_dir), "--methods", "[scratch]", "--fractions", "[0.5,1.0]", "--seeds", "[0]",
+           "--num_workers", "0", "--overrides", json.dumps(TINY)]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = tmp_path / "killed" / "cells" / "scratch_f0.5_s0" / "cell.json"
+    deadline = time.time() + 300
+    while not first.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert first.is_file(), "the first cell never finished"
+    os.killpg(proc.pid, signal.SIGKILL)  # the benchmark and its bundle run, mid second cell
+    proc.wait()
+    finished = first.read_text()
+    log_time = (first.parent / "train.log").stat().st_mtime_ns
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "scratch_f0.5_s0: done, skipped" in done.stdout
+    assert first.read_text() == finished and (first.parent / "train.log").stat().st_mtime_ns == log_time
+    assert (tmp_path / "killed" / "cells" / "scratch_f1_s0" / "cell.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (dict(methods=["macl", "nope"], fractions=[0.1], num_labelled=[], seeds=[0]), "unknown method"),
+        (dict(methods=["scratch"], fractions=[0.0], num_labelled=[], seeds=[0]), "(0, 1]"),
+        (dict(methods=["scratch"], fractions=[1.5], num_labelled=[], seeds=[0]), "(0, 1]"),
+        (dict(methods=["scratch"], fractions=[], num_labelled=[0], seeds=[0]), "integers >= 1"),
+        (dict(methods=["scratch"], fractions=[0.1], num_labelled=[], seeds=[0.5]), "seeds must be integers"),
+        (dict(methods=[], fractions=[0.1], num_labelled=[], seeds=[0]), "grid is empty"),
+    ],
+)
+def test_bad_grid_arguments_fail_with_one_clear_error(grid, message):
+    with pytest.raises(MedclInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        validate_grid(**grid)
+
+
+def test_bad_arguments_fail_before_anything_runs(phantom_dir, tmp_path):
+    with pytest.raises(MedclInputError, match="unknown method"):
+        main(methods=["mixcl", "typo"], out=str(tmp_path), dataset_dir=str(phantom_dir))
+    with pytest.raises(MedclInputError, match="unknown preset"):
+        main(preset="gpu", out=str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_dataset_without_labels_is_refused(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "labels": {"0": "background"}, "modality": {"0": "CT"}, "training": [{"image": "imagesTr/a.nii.gz"}]}))
+    with pytest.raises(MedclInputError, match="no labelled training cases"):
+        main(methods=["scratch"], out=str(tmp_path / "out"), dataset_dir=str(tmp_path))
+
+
+def test_markdown_table_bolds_the_best_and_gives_paired_deltas():
+    rows = [{"method": m, "backbone": "B", "label_fraction": 0.1, "seed": s, "mean_dice": d}
+            for m, s, d in [("a", 0, 0.5), ("a", 1, 0.7), ("a_scratch", 0, 0.4), ("a_scratch", 1, 0.5)]]
+    table = markdown_table(rows, {"a": "a_scratch", "a_scratch": None})
+    assert "| a | B | **0.600 ± 0.141 (2)** Δ +0.150 |" in table
+    assert "| a_scratch | B | 0.450 ± 0.071 (2) |" in table
