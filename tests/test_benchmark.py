@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +27,8 @@ GRID = dict(methods=["scratch", "mixcl"], fractions=[0.5, 1.0], seeds=[0], overr
 @pytest.fixture(scope="module")
 def tiny_run(phantom_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    table = main(run="tiny", out=str(out), dataset_dir=str(phantom_dir), pretrain_dataset_dirs=[str(phantom_dir)], **GRID)
+    table = main(run="tiny", out=str(out), dataset_dir=str(phantom_dir), pretrain_dataset_dirs=[str(phantom_dir)],
+                 tracking="mlflow", **GRID)
     return out / "tiny", table
 
 
@@ -48,6 +50,10 @@ def test_tiny_grid_writes_csv_table_and_plot(tiny_run):
     assert "| scratch | UNet |" in table and "| mixcl | UNETR |" in table
     assert (run_dir / "label_efficiency.md").read_text().count("\n|") >= 3
     assert (run_dir / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with sqlite3.connect(run_dir / "mlruns.db") as con:  # every run of the grid is an MLflow run of one experiment
+        runs = {name for (name,) in con.execute("select r.name from runs r join experiments e on "
+                                                "r.experiment_id = e.experiment_id where e.name = 'medcl_tiny'")}
+    assert runs == {"mixcl_s0_pretrain", "mixcl_f0.5_s0", "mixcl_f1_s0", "scratch_f0.5_s0", "scratch_f1_s0"}
 
 
 @pytest.mark.slow

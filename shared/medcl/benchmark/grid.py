@@ -67,7 +67,7 @@ PRESETS: dict[str, dict] = {
     "cpu": {
         "bundles": {"scratch_baseline": _CPU_2D, "macl": _CPU_2D, "mixcl": _CPU_UNETR},
         "methods": ["scratch", "macl", "macl_scratch", "mixcl", "mixcl_scratch"],
-        "fractions": [0.1, 1.0],
+        "fractions": [0.15, 1.0],
         "seeds": [0],
     },
     "paper": {
