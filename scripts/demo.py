@@ -6,53 +6,24 @@ land under ``--out`` (default ``demo_runs/``). Run through ``bash scripts/demo.s
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import fire
 
+from medcl.benchmark.runs import BenchmarkError, read_dice, run_bundle
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
-PROGRESS = ("Metrics -- val_mean_dice", "pretrain_loss:", "Train completed", "Error")
 
 
 def _bundle_run(configs: list[Path], overrides: dict, log: Path) -> float:
-    """Run one bundle workflow in a subprocess, echo its progress lines, return wall seconds."""
-    config_arg = str(configs[0]) if len(configs) == 1 else repr([str(c) for c in configs])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        for line in proc.stdout:
-            f.write(line)
-            if any(p in line for p in PROGRESS):
-                print(f"    {line.rstrip()[-110:]}", flush=True)
-    if proc.wait() != 0:
-        raise SystemExit(f"[demo] step failed (exit {proc.returncode}); see {log}")
-    return time.time() - start
-
-
-def _dice_per_class(eval_dir: Path, label_names: list[str]) -> dict[str, float]:
-    """Mean Dice per foreground class and overall from MONAI's MetricsSaver CSV (one row per validation volume)."""
-    with open(eval_dir / "val_mean_dice_raw.csv") as f:
-        rows = list(csv.DictReader(f))
-    result = {}
-    for i, name in enumerate(label_names[1:]):
-        values = [float(r[f"class{i}"]) for r in rows if r[f"class{i}"] not in ("nan", "")]
-        result[name] = sum(values) / len(values) if values else float("nan")
-    result["mean"] = sum(float(r["mean"]) for r in rows) / len(rows)
-    return result
+    """Run one bundle workflow in a subprocess (log in ``log``, progress lines echoed); return wall seconds."""
+    try:
+        return run_bundle(configs, overrides, log, cwd=REPO)["wall_s"]
+    except BenchmarkError as e:
+        raise SystemExit(f"[demo] step failed: {e}") from None
 
 
 def _train_and_evaluate(name: str, bundle: str, fraction: float, root: Path, run: dict, label_names: list[str],
@@ -64,7 +35,7 @@ def _train_and_evaluate(name: str, bundle: str, fraction: float, root: Path, run
     print(f"[demo] {name}, {fraction:.0%} labels: evaluate on the validation volumes", flush=True)
     _bundle_run([configs / "train.json", configs / "evaluate.json"], run, root / "evaluate.log")
     return {"method": name, "label_fraction": fraction, "train_s": round(train_s, 1),
-            **_dice_per_class(root / "eval", label_names)}
+            **read_dice(root / "eval", label_names)}
 
 
 def main(

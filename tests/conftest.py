@@ -41,3 +41,15 @@ def run_bundle(config_files, *overrides: str, cwd: Path = REPO, timeout: int = 6
     cmd = launcher + ["monai.bundle", "run", "--config_file", repr(configs) if len(configs) > 1 else configs[0], *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
     return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def assert_segmentation_of(pred_dir: Path, image_path: Path, num_classes: int) -> None:
+    """``<pred_dir>/<name>_seg.nii.gz`` is a label map on ``image_path``'s grid (shape, affine) with valid classes."""
+    import nibabel as nib
+    import numpy as np
+
+    pred = nib.load(str(Path(pred_dir) / Path(image_path).name.replace(".nii.gz", "_seg.nii.gz")))
+    image = nib.load(str(image_path))
+    assert pred.shape == image.shape
+    np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= set(range(num_classes))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 from monai.networks.nets import BasicUNet
 
-from conftest import BUNDLES, run_bundle
+from conftest import BUNDLES, assert_segmentation_of, run_bundle
 from medcl.networks.macl import pretrained_prefixes
 
 CONFIGS = BUNDLES / "macl" / "configs"
@@ -83,11 +81,7 @@ def test_finetune_starts_from_the_pretrained_encoder_and_two_decoder_blocks(pret
     proc = run_bundle([CONFIGS / "inference.json"], "--bundle_root", str(root), "--dataset_dir", str(phantom_dir),
                       "--output_dir", str(out), "--num_workers", "0", "--ckpt_path", str(root / "models" / "model_final.pt"))
     _assert_ok(proc)
-    src = next((phantom_dir / "imagesTs").glob("*.nii.gz"))
-    pred, image = nib.load(str(out / src.name.replace(".nii.gz", "_seg.nii.gz"))), nib.load(str(src))
-    assert pred.shape == image.shape
-    np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
-    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= set(range(5))
+    assert_segmentation_of(out, next((phantom_dir / "imagesTs").glob("*.nii.gz")), num_classes=5)
 
 
 def test_finetune_without_pretrained_checkpoint_names_the_pretrain_command(phantom_dir, tmp_path):

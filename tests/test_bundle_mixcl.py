@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.networks.nets import UNETR
 
-from conftest import BUNDLES, run_bundle
+from conftest import BUNDLES, assert_segmentation_of, run_bundle
 from medcl.networks.mixcl import mixcl_pretrained_prefixes
 
 CONFIGS = BUNDLES / "mixcl" / "configs"
@@ -91,11 +90,7 @@ def test_finetune_loads_the_encoder_and_not_the_decoder(pretrained, phantom_dir)
                       "--output_dir", str(out), "--num_workers", "0", "--ckpt_path", str(root / "models" / "model_final.pt"),
                       "--patch_size", "[32,32,32]", *[a for k, v in WIDTH.items() for a in (f"--{k}", str(v))])
     _assert_ok(proc)
-    src = next((phantom_dir / "imagesTs").glob("*.nii.gz"))
-    pred, image = nib.load(str(out / src.name.replace(".nii.gz", "_seg.nii.gz"))), nib.load(str(src))
-    assert pred.shape == image.shape
-    np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
-    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= set(range(5))
+    assert_segmentation_of(out, next((phantom_dir / "imagesTs").glob("*.nii.gz")), num_classes=5)
 
 
 def test_finetune_without_pretrained_checkpoint_names_the_pretrain_command(phantom_dir, tmp_path):
