@@ -5,3 +5,4 @@ from medcl.workflows.distributed import ddp_device, init_process_group, is_rank0
 from medcl.workflows.inferers import volume_inferer
 from medcl.workflows.pretrained import PretrainedLoader, load_pretrained
 from medcl.workflows.overrides import check_cli_overrides
+from medcl.workflows.pseudo_labels import PseudoLabeler, confidence_filter, crf_refine, pseudo_label_dice
