@@ -28,6 +28,7 @@ from medcl.errors import MedclInputError
 
 __all__ = ["main", "validate_grid"]
 
+# the bundles this (editable) install of medcl ships with; data and results paths are relative to the working folder
 REPO = Path(__file__).resolve().parents[3]
 BUNDLES = REPO / "bundles"
 DEFAULT_DATA = "data/phantom"
@@ -214,7 +215,8 @@ def main(
         seeds: seeds (default: the preset's); each seed sets the split and the training seed.
         dataset_dir: MSD-style labelled dataset (default: the phantom, generated when missing).
         pretrain_dataset_dirs: MixCL's pooled labelled datasets (default: pelvis and thorax phantoms).
-        out: root folder of the runs.
+        out: root folder of the runs (relative paths here and in the dataset arguments are relative to the
+            working folder; run from the repository root for the defaults).
         overrides: extra bundle overrides, ``{"*": {...}}`` for every config that has the key, or
             ``{"<bundle>": {...}}`` for every config of one bundle.
         num_workers: data-loader workers of every run.
@@ -238,13 +240,13 @@ def main(
     validate_grid(methods, fractions, num_labelled, seeds)
     if tracking not in (None, "mlflow"):
         raise MedclInputError(f"--tracking must be mlflow or left out, got {tracking!r}.")
-    run_dir = (REPO / out / (run or preset)).resolve()
+    run_dir = (Path(out) / (run or preset)).resolve()
     baselines = {m.name: m.baseline for m in METHODS.values()}
     title = f"medcl label-efficiency benchmark, run {run_dir.name} (preset {preset})"
     if report_only:
         return write_reports(run_dir, baselines, title)["md"].read_text()
 
-    data = (REPO / dataset_dir).resolve()
+    data = Path(dataset_dir).resolve()
     if dataset_dir == DEFAULT_DATA:
         _ensure_phantom(data, "abdomen", 40)
     label_names = _check_labelled_dataset(data)
@@ -253,8 +255,8 @@ def main(
         dirs = _as_list(pretrain_dataset_dirs, "pretrain_dataset_dirs") or list(POOLED_PHANTOMS)
         for d in dirs:
             if d in POOLED_PHANTOMS:
-                _ensure_phantom((REPO / d).resolve(), POOLED_PHANTOMS[d], 20)
-        common["pretrain_dataset_dirs"] = [str((REPO / d).resolve()) for d in dirs]
+                _ensure_phantom(Path(d).resolve(), POOLED_PHANTOMS[d], 20)
+        common["pretrain_dataset_dirs"] = [str(Path(d).resolve()) for d in dirs]
     user = {k: dict(v) for k, v in (overrides or {}).items()} if overrides else {}
     if any(not isinstance(v, Mapping) for v in (overrides or {}).values()):
         raise MedclInputError('--overrides must be {"*": {key: value}} or {"<bundle>": {key: value}}.')

@@ -87,9 +87,12 @@ def plot(rows: Sequence[dict], path: Path | str, title: str = "") -> None:
                  for f in fractions]
         ax.errorbar(fractions, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=m)
     ax.set_xscale("log")
+    ticks = sorted({r["label_fraction"] for r in rows})
+    ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("label fraction")
     ax.set_ylabel("mean Dice (validation)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
