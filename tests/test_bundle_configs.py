@@ -9,7 +9,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 from pydoc import locate
 
-from conftest import BUNDLES
+from conftest import BUNDLES, run_bundle
 
 BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs").is_dir())
 CONFIGS = sorted(c for b in BUNDLE_DIRS for c in (b / "configs").glob("*.json"))
@@ -88,3 +88,13 @@ def test_train_config_instantiates(bundle, phantom_dir, tmp_path):
     evaluator = parser.get_parsed_content("validate#evaluator", lazy=True)
     assert trainer.state.max_epochs == parser.get_parsed_content("max_epochs")
     assert evaluator is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", [b for b in BUNDLE_DIRS if (b / "configs" / "pretrain.json").is_file()],
+                         ids=lambda p: p.name)
+def test_finetune_without_pretrained_checkpoint_names_the_pretrain_command(bundle, phantom_dir, tmp_path):
+    proc = run_bundle([bundle / "configs" / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir))
+    assert proc.returncode != 0
+    assert "pretrained.pt: checkpoint not found" in proc.stdout
+    assert f"python -m monai.bundle run --config_file bundles/{bundle.name}/configs/pretrain.json" in proc.stdout

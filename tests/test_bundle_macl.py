@@ -84,13 +84,6 @@ def test_finetune_starts_from_the_pretrained_encoder_and_two_decoder_blocks(pret
     assert_segmentation_of(out, next((phantom_dir / "imagesTs").glob("*.nii.gz")), num_classes=5)
 
 
-def test_finetune_without_pretrained_checkpoint_names_the_pretrain_command(phantom_dir, tmp_path):
-    proc = run_bundle([CONFIGS / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir))
-    assert proc.returncode != 0
-    assert "pretrained.pt: checkpoint not found" in proc.stdout
-    assert "python -m monai.bundle run --config_file bundles/macl/configs/pretrain.json" in proc.stdout
-
-
 def test_pretrain_3d_smoke_with_a_unet_override(phantom_dir, tmp_path):
     # a 3-level UNet (encoder stride 8) only needs patches divisible by 8 / 0.25 = 32: the phantom's own size
     unet = ("{'_target_': 'UNet', 'spatial_dims': '@spatial_dims', 'in_channels': 1, 'out_channels': '@num_classes', "

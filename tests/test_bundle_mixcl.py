@@ -93,13 +93,6 @@ def test_finetune_loads_the_encoder_and_not_the_decoder(pretrained, phantom_dir)
     assert_segmentation_of(out, next((phantom_dir / "imagesTs").glob("*.nii.gz")), num_classes=5)
 
 
-def test_finetune_without_pretrained_checkpoint_names_the_pretrain_command(phantom_dir, tmp_path):
-    proc = run_bundle([CONFIGS / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir))
-    assert proc.returncode != 0
-    assert "pretrained.pt: checkpoint not found" in proc.stdout
-    assert "python -m monai.bundle run --config_file bundles/mixcl/configs/pretrain.json" in proc.stdout
-
-
 def test_pretrain_refuses_a_dataset_listed_twice(phantom_dir, tmp_path):
     proc = run_bundle([CONFIGS / "pretrain.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir),
                       "--pretrain_dataset_dirs", repr([str(phantom_dir), str(phantom_dir)]), *TINY)
