@@ -5,6 +5,7 @@ allocate as the sample budget grows.
     python scripts/bench_step.py                         # every method at its CPU benchmark size
     python scripts/bench_step.py --method macl --size 128 --repeats 10
     python scripts/bench_step.py --method mixcl --size 96 --width paper   # the paper's UNETR (a GPU)
+    python scripts/bench_step.py --method localcl --size 192              # the public code's ACDC slice size
 
 The three steps are timed interleaved (so background load hits them alike); CPU uses process time, CUDA uses
 events. Ratios are what matter: ``a / b`` is the losses' overhead (goal <= 1.10), ``a / c`` the cost against
@@ -171,14 +172,61 @@ def bench_mixcl(size: int, repeats: int, dev: torch.device, dataset_dir: str, wi
         print(f"L_label fwd+bwd with r = {r:5d} pixels per class: {nbytes / 2**20:8.2f} MiB ({kind}; map {tuple(z1.shape)})")
 
 
+def _blocky_labels_2d(n: int, size: int, classes: int, g: torch.Generator) -> torch.Tensor:
+    """``(n, 1, size, size)`` labels made of random 8² blocks."""
+    coarse = torch.randint(0, classes, (n, 1, max(1, size // 8), max(1, size // 8)), generator=g).float()
+    return F.interpolate(coarse, size=(size, size), mode="nearest").long()
+
+
+def bench_localcl(size: int, repeats: int, dev: torch.device, dataset_dir: str,
+                  budgets: tuple = (3, 10, 30, 100)) -> None:
+    """Local contrastive self-training (a round's step): 2D BasicUNet + head, labelled + pseudo-labelled slices."""
+    parser = _parser("localcl_selftrain", "train.json", dev.type, dataset_dir, spatial_dims=2)
+    net, step = parser.get_parsed_content("network"), parser.get_parsed_content("step")
+    n = parser.get_parsed_content("batch_size") * parser.get_parsed_content("samples_per_volume")
+    classes = parser.get_parsed_content("num_classes")
+    g = torch.Generator().manual_seed(0)
+    batch = {part: {"image": torch.rand(n, 1, size, size, generator=g).to(dev),
+                    "label": _blocky_labels_2d(n, size, classes, g).to(dev)} for part in ("labelled", "unlabelled")}
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x_all = torch.cat([batch["labelled"]["image"], batch["unlabelled"]["image"]])
+
+    def localcl():
+        opt.zero_grad(); step(net, batch)["loss"].backward(); opt.step()
+
+    def trivial():
+        opt.zero_grad(); logits, z = net(x_all, return_embeddings=True); (logits.sum() + z.sum()).backward(); opt.step()
+
+    seg = parser.get_parsed_content("backbone_def", lazy=False).to(dev)  # a fresh copy of the same backbone
+    seg_opt = torch.optim.Adam(seg.parameters(), lr=1e-3)
+    seg_loss = parser.get_parsed_content("seg_loss")
+
+    def scratch():  # the labelled-only supervised step (what the baseline phase does, without the head)
+        seg_opt.zero_grad(); seg_loss(seg(batch["labelled"]["image"]), batch["labelled"]["label"]).backward(); seg_opt.step()
+
+    print(f"[localcl] device {dev}, batch {n} labelled + {n} pseudo-labelled x 1 x {size}², repeats {repeats}")
+    _report("localcl", _time_steps({"localcl": localcl, "trivial": trivial, "scratch": scratch}, dev, repeats))
+
+    with torch.no_grad():
+        _, z = net(x_all, return_embeddings=True)
+    z = z.detach().requires_grad_()
+    y = torch.cat([batch["labelled"]["label"], batch["unlabelled"]["label"]])
+    pairs = step.random_pairs(z.shape[0], z.device)
+    kind = "peak" if dev.type == "cuda" else "sum of allocations, an upper bound of the peak"
+    for r in budgets:
+        step.local_loss.num_anchors = int(r)
+        nbytes = _allocated_bytes(lambda: step.local_loss(z, y, pairs).backward(), dev)
+        print(f"L_local fwd+bwd with {r:4d} anchors per class and image: {nbytes / 2**20:8.2f} MiB ({kind}; map {tuple(z.shape)})")
+
+
 def main(method: str = "all", size: int | None = None, repeats: int = 8, width: str = "cpu",
          device: str = "cuda" if torch.cuda.is_available() else "cpu", threads: int = 1,
          dataset_dir: str = str(REPO / "data" / "phantom")) -> None:
     """Print median step times, their ratios and the losses' memory.
 
     Args:
-        method: ``macl``, ``mixcl`` or ``all``.
-        size: input size (2D slice side for MACL, default 64; 3D patch side for MixCL, default 32).
+        method: ``macl``, ``mixcl``, ``localcl`` or ``all``.
+        size: input size (2D slice side for MACL and local CL, default 64; 3D patch side for MixCL, default 32).
         repeats: timed repetitions of each step after two warm-ups.
         width: MixCL's UNETR width, ``cpu`` (the CPU benchmark's) or ``paper``.
         device: ``cpu`` or ``cuda``.
@@ -187,13 +235,15 @@ def main(method: str = "all", size: int | None = None, repeats: int = 8, width: 
     """
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    if method not in ("macl", "mixcl", "all"):
-        raise SystemExit(f"--method must be macl, mixcl or all, got {method!r}")
+    if method not in ("macl", "mixcl", "localcl", "all"):
+        raise SystemExit(f"--method must be macl, mixcl, localcl or all, got {method!r}")
     print(f"threads {threads}")
     if method in ("macl", "all"):
         bench_macl(size or 64, repeats, dev, dataset_dir)
     if method in ("mixcl", "all"):
         bench_mixcl(size or 32, repeats, dev, dataset_dir, width)
+    if method in ("localcl", "all"):
+        bench_localcl(size or 64, repeats, dev, dataset_dir)
 
 
 if __name__ == "__main__":

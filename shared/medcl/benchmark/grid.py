@@ -32,8 +32,10 @@ class Method:
     baseline: str | None = None
 
 
-#: Every method bundle, its random-init control and MixCL's ablation rows (paper Table 2). A new bundle joins the
-#: benchmark by adding its entries here.
+#: Every method bundle, its random-init control and MixCL's ablation rows (paper Table 2); the self-training bundle's
+#: ablation (Chaitanya et al.): labelled-only baseline, + local loss on ground truth only, + pseudo-label rounds, all
+#: for the same number of iterations (its baseline phase lasts max_epochs - num_rounds * round_epochs epochs). A new
+#: bundle joins the benchmark by adding its entries here.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -46,6 +48,10 @@ METHODS: dict[str, Method] = {
         Method("mixcl_id_label", "mixcl", "UNETR", pretrain=True, pretrain_overrides={"beta": 0.0},
                baseline="mixcl_scratch"),
         Method("mixcl_scratch", "mixcl", "UNETR", train={"init": "random"}),
+        Method("localcl", "localcl_selftrain", "BasicUNet", baseline="localcl_baseline"),
+        Method("localcl_gt", "localcl_selftrain", "BasicUNet", train={"num_rounds": 0, "lambda_local_gt": 0.1},
+               baseline="localcl_baseline"),
+        Method("localcl_baseline", "localcl_selftrain", "BasicUNet", train={"num_rounds": 0}),
     )
 }
 
@@ -54,6 +60,8 @@ _CPU_2D = {"spatial_dims": 2, "patch_size": 64, "max_epochs": 20, "epoch_length"
 _CPU_UNETR = {"spatial_dims": 3, "patch_size": [32, 32, 32], "feature_size": 8, "hidden_size": 192, "mlp_dim": 384,
               "num_heads": 4, "max_epochs": 15, "epoch_length": 20, "val_interval": 5, "samples_per_volume": 2,
               "learning_rate": 5e-4, "pretrain": {"samples_per_volume": 1}}
+_CPU_SELFTRAIN = {"spatial_dims": 2, "patch_size": 64, "max_epochs": 20, "epoch_length": 20, "val_interval": 2,
+                  "num_rounds": 3, "round_epochs": 4, "samples_per_volume": 4}
 
 #: Per-bundle overrides of every run (pre-training and fine-tuning; a ``"pretrain"`` entry holds overrides of the
 #: pre-training run only) and the default grid of each preset.
@@ -65,13 +73,13 @@ _CPU_UNETR = {"spatial_dims": 3, "patch_size": [32, 32, 32], "feature_size": 8, 
 #:   fine-tuning iterations; MACL: 2D BasicUNet); for a GPU.
 PRESETS: dict[str, dict] = {
     "cpu": {
-        "bundles": {"scratch_baseline": _CPU_2D, "macl": _CPU_2D, "mixcl": _CPU_UNETR},
+        "bundles": {"scratch_baseline": _CPU_2D, "macl": _CPU_2D, "mixcl": _CPU_UNETR, "localcl_selftrain": _CPU_SELFTRAIN},
         "methods": ["scratch", "macl", "macl_scratch", "mixcl", "mixcl_scratch"],
         "fractions": [0.15, 1.0],
         "seeds": [0],
     },
     "paper": {
-        "bundles": {"scratch_baseline": {}, "macl": {}, "mixcl": {}},
+        "bundles": {"scratch_baseline": {}, "macl": {}, "mixcl": {}, "localcl_selftrain": {}},
         "methods": ["scratch", "macl", "macl_scratch", "mixcl", "mixcl_scratch"],
         "fractions": [0.05, 0.15, 1.0],
         "seeds": [0, 1, 2],

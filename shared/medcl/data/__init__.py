@@ -8,3 +8,4 @@ from medcl.data.partners import PartnerDataset
 from medcl.data.patches import RandPatchWithPositiond, as_patch_size, volume_pad_size
 from medcl.data.pooled import pooled_datalist, pooled_label_maps
 from medcl.data.splits import load_splits, num_labelled_cases, split_datalist
+from medcl.data.mixed_loader import MixedLoader

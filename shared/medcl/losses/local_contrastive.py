@@ -113,7 +113,8 @@ class LocalContrastiveLoss(_Loss):
 
     - ``local_loss_exp_no=1`` (the script's default) is ``positives="inter"``, ``0`` is ``"intra"``;
       temperature 0.1, 3 anchors per class and image, drawn with replacement (``np.random.randint``), which
-      is ``anchor_replacement=True`` here (the draws use :func:`medcl.samplers.boundary_weighted.sample_class_pixels`).
+      is ``anchor_replacement=True`` here (uniform positions inside each class's run of the label-sorted pixels;
+      without replacement the draws use :func:`medcl.samplers.boundary_weighted.sample_class_pixels`).
     - means are over all class pixels of the raw head output and normalised only inside the cosine
       (``normalize_before_mean=False``); gradients flow through the means (``detach_means=False``).
     - the code divides each pair by the *nominal* count ``n (K - 1) |V|`` (``K`` = number of classes); its
@@ -150,6 +151,7 @@ class LocalContrastiveLoss(_Loss):
         resize_mode: str = "nearest",
         reduction: LossReduction | str = LossReduction.MEAN,
         eps: float = 1e-12,
+        ignore_index: int | None = None,
     ) -> None:
         """
         Args:
@@ -173,10 +175,14 @@ class LocalContrastiveLoss(_Loss):
             reduction: ``"mean"`` (default, see above), ``"sum"`` (sum of the pair losses) or ``"none"``
                 (``(P,)`` pair losses, 0 for pairs without valid anchors).
             eps: lower bound of a vector norm in the cosine. Defaults to 1e-12.
+            ignore_index: label of voxels to leave out (e.g. pseudo-labels removed by
+                :func:`medcl.workflows.confidence_filter`, 255): they are treated as ``background``, i.e. give
+                no anchors, no class means and no denominator terms. None (default): every label value counts.
 
         Raises:
             ValueError: for a non-positive temperature, ``num_anchors < 1``, an unknown ``positives`` or
-                ``resize_mode``, or ``num_classes`` leaving no foreground class.
+                ``resize_mode``, ``num_classes`` leaving no foreground class, or ``ignore_index`` without a
+                ``background`` label (or equal to it).
         """
         super().__init__(reduction=LossReduction(reduction).value)
         if temperature <= 0:
@@ -191,6 +197,12 @@ class LocalContrastiveLoss(_Loss):
             n_fg = int(num_classes) - int(background is not None and 0 <= background < num_classes)
             if n_fg < 1:
                 raise ValueError(f"num_classes={num_classes} leaves no foreground class (background={background}).")
+        if ignore_index is not None and (background is None or int(ignore_index) == int(background)):
+            raise ValueError(
+                f"ignore_index={ignore_index} needs a distinct background label (ignored voxels are excluded as "
+                f"background is), got background={background}."
+            )
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
         self.temperature = float(temperature)
         self.num_anchors = int(num_anchors)
         self.background = None if background is None else int(background)
@@ -222,6 +234,8 @@ class LocalContrastiveLoss(_Loss):
         lab = lab.to(device=embeddings.device, dtype=torch.long)
         if tuple(lab.shape[2:]) != tuple(embeddings.shape[2:]):
             lab = labels_to_resolution(lab, embeddings.shape[2:], mode=self.resize_mode)
+        if self.ignore_index is not None:
+            lab = lab.masked_fill(lab == self.ignore_index, self.background)
         if self.num_classes is not None and lab.numel() and int(lab.max()) >= self.num_classes:
             raise ValueError(f"labels contain {int(lab.max())} >= num_classes={self.num_classes}.")
         return lab.reshape(lab.shape[0], -1)
@@ -246,16 +260,19 @@ class LocalContrastiveLoss(_Loss):
         """``n`` uniform draws per class of ``classes`` from one flat label map (flat indices)."""
         if not classes:
             return torch.zeros(0, dtype=torch.long, device=label.device)
-        # restrict the sampler to the wanted classes' pixels once (same per-class draws, smaller arrays)
         wanted = torch.as_tensor(classes, device=label.device)
-        members = torch.nonzero((label[:, None] == wanted[None, :]).any(dim=1)).reshape(-1)
-        sub = label[members]
         if self.anchor_replacement:
-            # n independent single draws per class = n draws with replacement (the code's np.random.randint)
-            draws = [sample_class_pixels(sub, 1, classes=classes, generator=generator)[0] for _ in range(self.num_anchors)]
-            idx = torch.stack(draws, dim=1).reshape(-1)  # class-major: class 0 draws, class 1 draws, ...
-        else:
-            idx, _ = sample_class_pixels(sub, self.num_anchors, classes=classes, generator=generator)
+            # n uniform draws with replacement per class (the code's np.random.randint): sort the pixels by label
+            # once, then draw positions inside each class's run of the sorted order
+            sorted_lab, order = torch.sort(label, stable=True)
+            start = torch.searchsorted(sorted_lab, wanted)
+            count = torch.searchsorted(sorted_lab, wanted, right=True) - start
+            u = torch.rand(len(classes), self.num_anchors, generator=generator, device=label.device)
+            offset = torch.minimum((u * count[:, None]).long(), count[:, None] - 1)
+            return order[(start[:, None] + offset).reshape(-1)]  # class-major: class 0 draws, class 1 draws, ...
+        # restrict the sampler to the wanted classes' pixels once (same per-class draws, smaller arrays)
+        members = torch.nonzero((label[:, None] == wanted[None, :]).any(dim=1)).reshape(-1)
+        idx, _ = sample_class_pixels(label[members], self.num_anchors, classes=classes, generator=generator)
         return members[idx]
 
     def sample_anchors(

@@ -6,3 +6,5 @@ from medcl.workflows.inferers import volume_inferer
 from medcl.workflows.pretrained import PretrainedLoader, load_pretrained
 from medcl.workflows.overrides import check_cli_overrides
 from medcl.workflows.pseudo_labels import PseudoLabeler, confidence_filter, crf_refine, pseudo_label_dice
+from medcl.workflows.localcl_step import LocalCLStep
+from medcl.workflows.self_training import SelfTrainingHandler, round_of_epoch, total_epochs

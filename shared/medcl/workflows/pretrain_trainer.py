@@ -58,7 +58,9 @@ def prepare_dict_batch(
     Default ``prepare_batch`` of :class:`PretrainTrainer`: the collated dict with every tensor moved to ``device``.
 
     ``MetaTensor`` values become plain tensors (``as_tensor()``): the step gets no metadata, and the network runs
-    without MetaTensor's per-operation overhead. Non-tensor values (file names, metadata dicts) are kept as they are.
+    without MetaTensor's per-operation overhead. Nested dict batches (e.g. ``{"labelled": {...}, "unlabelled":
+    {...}}`` from :class:`medcl.data.MixedLoader`) are handled the same way, level by level. Other non-tensor values
+    (file names, metadata dicts of a collated batch) are kept as they are.
 
     Args:
         batchdata: a collated batch, ``{key: value}``.
@@ -77,6 +79,8 @@ def prepare_dict_batch(
             if isinstance(value, MetaTensor):
                 value = value.as_tensor()
             value = value.to(device=device, non_blocking=non_blocking, **kwargs)
+        elif isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            value = prepare_dict_batch(value, device, non_blocking, **kwargs)
         out[key] = value
     return out
 
