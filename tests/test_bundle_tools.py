@@ -1,0 +1,68 @@
+"""MONAI bundle tooling on every bundle, offline: verify_metadata (medcl's schema), verify_net_in_out, ckpt_export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
+
+from conftest import BUNDLES
+from medcl.bundle import META_SCHEMA, verify_metadata_offline
+
+BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs").is_dir())
+#: overrides that keep the networks CPU-sized (MixCL's UNETR at the narrow CPU width and 32³)
+SMALL = {"mixcl": {"patch_size": [32, 32, 32], "feature_size": 8, "hidden_size": 192, "mlp_dim": 384, "num_heads": 4}}
+#: networks that TorchScript cannot script (forward hooks in forward): exported by tracing, at the metadata's shape
+TRACED = {"localcl_selftrain"}
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_metadata_verifies_offline(bundle):
+    verify_metadata_offline(bundle / "configs" / "metadata.json")
+
+
+def test_metadata_schema_rejects_a_broken_file(tmp_path):
+    meta = json.loads((BUNDLE_DIRS[0] / "configs" / "metadata.json").read_text())
+    del meta["version"]
+    meta["network_data_format"]["outputs"]["pred"]["num_channels"] = "five"
+    path = tmp_path / "metadata.json"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version|num_channels"):
+        verify_metadata_offline(path)
+    assert json.loads(open(META_SCHEMA).read())["required"][:2] == ["schema", "version"]
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_verify_net_in_out(bundle, phantom_dir):
+    """The inference network takes the metadata's input shape and gives its output channels."""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    if bundle.name in SMALL:  # check at the CPU size: the metadata's shape with the small network
+        meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = SMALL[bundle.name]["patch_size"]
+        meta["network_data_format"]["outputs"]["pred"]["spatial_shape"] = SMALL[bundle.name]["patch_size"]
+    meta_file = phantom_dir.parent / f"{bundle.name}_metadata.json"
+    meta_file.write_text(json.dumps(meta))
+    verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=str(bundle / "configs" / "inference.json"),
+                      device="cpu", dataset_dir=str(phantom_dir), **SMALL.get(bundle.name, {}))
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
+def test_ckpt_export_gives_the_same_outputs(bundle, phantom_dir, tmp_path, one_thread):
+    config = bundle / "configs" / "inference.json"
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    small = SMALL.get(bundle.name, {})
+    parser.update({"dataset_dir": str(phantom_dir), "device": "cpu", **small})
+    net = parser.get_parsed_content("network_def").eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    shape = small.get("patch_size") or meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    trace = {"use_trace": True, "input_shape": [1, 1, *shape]} if bundle.name in TRACED else {}
+    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
+                meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(config), device="cpu",
+                dataset_dir=str(phantom_dir), **trace, **small)
+    ts = torch.jit.load(str(tmp_path / "model.ts"))
+    x = torch.randn(1, 1, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(ts(x), net(x), rtol=1e-4, atol=1e-4)
