@@ -1,6 +1,6 @@
 """Workflow pieces the bundles share: inferers, distributed set-up, checkpoint helpers."""
 
-from medcl.workflows.checkpoints import require_checkpoint
+from medcl.workflows.checkpoints import SafeCheckpointLoader, expected_sha256, file_sha256, require_checkpoint, verify_sha256
 from medcl.workflows.distributed import ddp_device, init_process_group, is_rank0
 from medcl.workflows.inferers import volume_inferer
 from medcl.workflows.pretrained import PretrainedLoader, load_pretrained

@@ -1,12 +1,22 @@
-"""Checkpoint paths a workflow needs before it starts."""
+"""Checkpoints: paths a workflow needs before it starts, and loading downloaded weights safely (sha256, weights only)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from monai.bundle import ConfigParser
+from monai.handlers import CheckpointLoader
 
 from medcl.errors import MedclInputError
 
-__all__ = ["require_checkpoint"]
+__all__ = ["SafeCheckpointLoader", "expected_sha256", "file_sha256", "require_checkpoint", "verify_sha256"]
+
+LARGE_FILES = ("large_files.yml", "large_files.yaml", "large_files.json")
 
 
 def require_checkpoint(
@@ -26,3 +36,90 @@ def require_checkpoint(
     if not os.path.isfile(path):
         raise MedclInputError(f"{path}: {what} not found. To create it, {how_to_make} (or pass {override}).")
     return path
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str | None) -> None:
+    """Check ``path`` against an expected sha256 (nothing to check when ``expected`` is None or empty).
+
+    Raises:
+        MedclInputError: when the file's sha256 differs (tampered, truncated or another file).
+    """
+    if not expected:
+        return
+    actual = file_sha256(path)
+    if actual.lower() != str(expected).lower():
+        raise MedclInputError(
+            f"{os.fspath(path)}: sha256 {actual} does not match the expected {expected}: the file is not the one the "
+            "bundle was published with (tampered, truncated or replaced). It was not loaded; download the bundle again "
+            "from a source you trust."
+        )
+
+
+def expected_sha256(bundle_root: str | os.PathLike, path: str | os.PathLike) -> str | None:
+    """The sha256 that ``<bundle_root>/large_files.yml`` (or ``.yaml``/``.json``) records for ``path``, if any.
+
+    ``path`` may be absolute or relative to ``bundle_root``; entries are ``{"path", "url", "hash_val", "hash_type"}``
+    as MONAI's ``download_large_files`` reads them. None when there is no such file, no entry for ``path`` or the
+    entry's hash is not a sha256.
+    """
+    root = os.path.abspath(os.fspath(bundle_root))
+    target = os.path.normpath(os.path.join(root, os.fspath(path)))
+    for name in LARGE_FILES:
+        listing = os.path.join(root, name)
+        if not os.path.isfile(listing):
+            continue
+        entries = ConfigParser.load_config_file(listing).get("large_files", [])
+        for entry in entries:
+            if os.path.normpath(os.path.join(root, entry.get("path", ""))) == target:
+                if str(entry.get("hash_type", "")).lower() == "sha256" and entry.get("hash_val"):
+                    return str(entry["hash_val"])
+                return None
+    return None
+
+
+class SafeCheckpointLoader(CheckpointLoader):
+    """
+    MONAI's :class:`~monai.handlers.CheckpointLoader` for weights that came from elsewhere: before anything is
+    read, the file must exist (message naming it) and, when ``sha256`` is given, match it; then it is read with
+    ``torch.load(..., weights_only=True)`` (what MONAI's loader does), so a file carrying pickled code is refused
+    with one clear error and nothing in it runs.
+
+    Args:
+        load_path: the checkpoint.
+        load_dict: objects to load into, as :class:`~monai.handlers.CheckpointLoader`.
+        sha256: expected sha256 of the file (e.g. :func:`expected_sha256` from the bundle's ``large_files.yml``);
+            None: no check.
+        kwargs: other :class:`~monai.handlers.CheckpointLoader` arguments (``map_location``, ``strict``, ...).
+
+    Raises:
+        MedclInputError: (when the engine starts) for a missing file, a sha256 mismatch, or a file that is not a
+            plain weights file.
+    """
+
+    def __init__(self, load_path: str, load_dict: Mapping[str, Any], sha256: str | None = None, **kwargs: Any) -> None:
+        super().__init__(load_path=load_path, load_dict=dict(load_dict), **kwargs)
+        self.sha256 = sha256
+
+    def __call__(self, engine: Any) -> None:
+        path = require_checkpoint(self.load_path, "train the bundle first (train.json) or download it", "checkpoint",
+                                  "--ckpt_path")
+        verify_sha256(path, self.sha256)
+        try:  # memory-mapped, so checking costs no second read of the weights
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise MedclInputError(
+                f"{path}: not a readable plain weights file — torch.load(weights_only=True) refused it "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Nothing in it was executed; a "
+                "truncated download or a file carrying pickled code gives this. Only load checkpoints from sources "
+                "you trust."
+            ) from e
+        super().__call__(engine)

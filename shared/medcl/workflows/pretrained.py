@@ -25,7 +25,7 @@ from torch import nn
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from medcl.errors import MedclInputError
-from medcl.workflows.checkpoints import require_checkpoint
+from medcl.workflows.checkpoints import require_checkpoint, verify_sha256
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ def load_pretrained(
     name_map: Mapping[str, str] | None = None,
     map_location: str | torch.device = "cpu",
     how_to_make: str = DEFAULT_HOW_TO_MAKE,
+    sha256: str | None = None,
 ) -> dict[str, list]:
     """
     Copy the weights of ``network``'s modules under ``prefixes`` from a checkpoint; everything else is untouched.
@@ -126,6 +127,8 @@ def load_pretrained(
         name_map: renames of checkpoint keys, see above.
         map_location: passed to ``torch.load``. Defaults to ``"cpu"``.
         how_to_make: how to create the checkpoint, used in the "file not found" message.
+        sha256: expected sha256 of the file, checked before it is read (e.g. a downloaded pre-trained bundle's
+            ``large_files.yml`` entry, :func:`medcl.workflows.expected_sha256`); None: no check.
 
     Returns:
         ``{"loaded": [keys], "skipped": [checkpoint keys (renamed) not loaded: not in the network or outside
@@ -133,11 +136,12 @@ def load_pretrained(
         checkpoint shape, network shape)]}``.
 
     Raises:
-        MedclInputError: for a missing or unreadable file, a checkpoint without a state dict, or (``strict``)
+        MedclInputError: for a missing or unreadable file, a sha256 mismatch, a checkpoint without a state dict, or (``strict``)
             a checkpoint that does not fit the targeted part of ``network``; the message names the file and
             lists the first few problems.
     """
     path = require_checkpoint(os.fspath(checkpoint_path), how_to_make, "pre-trained checkpoint", "--pretrained_ckpt")
+    verify_sha256(path, sha256)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, or pickled objects other than tensors/containers
@@ -231,6 +235,7 @@ class PretrainedLoader:
         key: checkpoint entry holding the state dict. Defaults to ``"model"``.
         map_location: passed to ``torch.load``. Defaults to ``"cpu"``.
         how_to_make: how to create the checkpoint, for the "not found" message.
+        sha256: expected sha256 of the checkpoint (None: no check), see :func:`load_pretrained`.
 
     Raises:
         MedclInputError: at construction when the file does not exist.
@@ -246,6 +251,7 @@ class PretrainedLoader:
         key: str | None = "model",
         map_location: str | torch.device = "cpu",
         how_to_make: str = DEFAULT_HOW_TO_MAKE,
+        sha256: str | None = None,
     ) -> None:
         self.checkpoint_path = require_checkpoint(
             os.fspath(checkpoint_path), how_to_make, "pre-trained checkpoint", "--pretrained_ckpt"
@@ -257,6 +263,7 @@ class PretrainedLoader:
         self.key = key
         self.map_location = map_location
         self.how_to_make = how_to_make
+        self.sha256 = sha256
         self.report: dict[str, list] | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -274,6 +281,7 @@ class PretrainedLoader:
             name_map=self.name_map,
             map_location=self.map_location,
             how_to_make=self.how_to_make,
+            sha256=self.sha256,
         )
         log = engine.logger if engine is not None and getattr(engine, "logger", None) else logger
         log.info(

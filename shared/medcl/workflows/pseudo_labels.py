@@ -30,7 +30,6 @@ value (a loss that treats 255 as a class, or one-hot encodes it, is wrong).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -51,7 +50,7 @@ from monai.transforms import Invertd
 from monai.utils import convert_to_tensor, optional_import
 
 from medcl.errors import MedclInputError
-from medcl.workflows.checkpoints import require_checkpoint
+from medcl.workflows.checkpoints import file_sha256, require_checkpoint
 from medcl.workflows.pretrained import load_pretrained
 
 _, HAS_MONAI_CPP = optional_import("monai._C")
@@ -325,14 +324,6 @@ def _stem(path: str) -> str:
     return os.path.splitext(name)[0]
 
 
-def _sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json_atomic(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -505,7 +496,7 @@ class PseudoLabeler:
                 "checkpoint for pseudo-labelling", "checkpoint_path",
             )
             header.update(checkpoint=os.path.abspath(path), checkpoint_size=os.path.getsize(path),
-                          checkpoint_sha256=_sha256(path))
+                          checkpoint_sha256=file_sha256(path))
         header["settings"] = self.settings()
         return header
 
