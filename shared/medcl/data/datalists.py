@@ -24,6 +24,8 @@ def inference_datalist(dataset_dir: str | None = None, input_dir: str | None = N
         files = sorted(glob.glob(os.path.join(input_dir, "*.nii.gz")) + glob.glob(os.path.join(input_dir, "*.nii")))
         origin = input_dir
         items = [{"image": f} for f in files]
+    elif not dataset_dir:
+        raise MedclInputError("No images to segment: pass --input_dir with .nii.gz files (or --dataset_dir with a 'test' list).")
     else:
         origin = dataset_json_path(dataset_dir)
         try:
