@@ -20,7 +20,8 @@ The trainer's epochs are cut into phases: ``baseline_epochs`` on the labelled vo
    and confidence filter) into ``<pseudo_dir>/round<r>/``, resumable through that folder's manifest;
 3. puts the pseudo-labelled items into ``dataset`` (``set_data``, e.g. a ``CacheDataset``) and a fresh data loader
    over it into ``mixed_loader`` under ``"unlabelled"``, so the step sees labelled + pseudo-labelled batches;
-4. optionally clears the optimizer's state (the public code restarts Adam each round);
+4. clears the optimizer's state unless ``reset_optimizer=False`` (each round starts with fresh Adam moments, as a
+   new training run from the loaded checkpoint would);
 5. when true labels of the unlabelled volumes are known (``truth_items``, e.g. the phantom), records the
    pseudo-labels' Dice (:func:`medcl.workflows.pseudo_label_dice`) in ``<pseudo_dir>/rounds.json`` and the log
    (every round is logged there: checkpoint used, folder, number of volumes).
