@@ -3,10 +3,12 @@
 #
 # Why a separate environment: monailabel 0.8.5 (the newest on PyPI) asks for monai[...torchvision, itk, openslide...]
 # and sam2, and a plain install pulls a CUDA torch of several GB. Here torch==2.13.0 goes in first, every later
-# install is constrained to it (and to pydicom<3 / pynetdicom<3, which monailabel 0.8.5 predates), and PyPI's
-# torchvision — a CUDA build that fails to import beside the CPU torch ("operator torchvision::nms does not
-# exist") — is removed again: MONAI imports it optionally, and the bundle app only needs it for SAM2, which the
-# server start-up switches off (--conf sam2 false).
+# install is constrained to it (and to pydicom<3 / pynetdicom<3, which monailabel 0.8.5 predates). PyPI's
+# torchvision is a CUDA build whose C++ ops cannot load beside the CPU torch, and 0.28 then fails at import
+# ("operator torchvision::nms does not exist", pytorch/vision#9337). MONAI Label imports torchvision.utils at
+# start-up, so it stays installed (without its dependencies, which would replace the CPU torch), and
+# scripts/start_monailabel.sh puts scripts/monailabel_site/sitecustomize.py on PYTHONPATH, which lets the import
+# finish without the C++ ops (SAM2, which needs them, is switched off with --conf sam2 false).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${MEDCL_MONAILABEL_VENV:-.venv-monailabel}"
@@ -27,9 +29,9 @@ if ! "$VENV/bin/python" -c "import monailabel" >/dev/null 2>&1; then
     echo "[setup-monailabel] installing monailabel==0.8.5 into $VENV"
     "${PIP[@]}" -c "$CONSTRAINTS" "monailabel==0.8.5"
 fi
-if ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
-    echo "[setup-monailabel] removing torchvision (a CUDA build that cannot load beside the CPU torch)"
-    "$VENV/bin/python" -m pip uninstall --quiet -y torchvision
+if ! "$VENV/bin/python" -m pip show --quiet torchvision >/dev/null 2>&1; then
+    echo "[setup-monailabel] installing torchvision (no dependencies: the CPU torch stays)"
+    "${PIP[@]}" --no-deps -c "$CONSTRAINTS" "torchvision==0.28.0"
 fi
 echo "[setup-monailabel] installing medcl (editable) into $VENV"
 "${PIP[@]}" -c "$CONSTRAINTS" -e .
