@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from monai.bundle import ConfigParser
-from monai.handlers import CheckpointLoader
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from medcl.errors import MedclInputError
 
-__all__ = ["SafeCheckpointLoader", "expected_sha256", "file_sha256", "require_checkpoint", "verify_sha256"]
+__all__ = ["AtomicCheckpointSaver", "SafeCheckpointLoader", "expected_sha256", "file_sha256", "require_checkpoint", "verify_sha256"]
 
 LARGE_FILES = ("large_files.yml", "large_files.yaml", "large_files.json")
 
@@ -123,3 +124,50 @@ class SafeCheckpointLoader(CheckpointLoader):
                 "you trust."
             ) from e
         super().__call__(engine)
+
+
+class _SaveThenRemove(BaseSaveHandler):
+    """Wraps a ``DiskSaver``: atomic writes, and old checkpoints removed only after the new one is in place.
+
+    Ignite's ``Checkpoint`` removes the file it replaces *before* writing the new one (and with MONAI's fixed file
+    names, e.g. ``model.pt``, it removes the very file it is about to rewrite), so a kill in between would leave no
+    checkpoint at all. Here removals wait until the next write has been renamed into place; a removal of the file
+    just written is dropped.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.inner._atomic = True
+        self.pending: list[str] = []
+
+    @property
+    def dirname(self):  # what Ignite reads of a DiskSaver (e.g. Checkpoint.last_checkpoint)
+        return self.inner.dirname
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        self.inner(checkpoint, filename, metadata)
+        written = getattr(self.inner, "filename", None) or filename
+        for old in self.pending:
+            if (getattr(self.inner, "filename", None) or old) != written:
+                self.inner.remove(old)
+        self.pending = []
+
+    def remove(self, filename: str) -> None:
+        self.pending.append(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """
+    MONAI's :class:`~monai.handlers.CheckpointSaver` with crash-safe saving: every checkpoint is written to a
+    temporary file in the same folder and renamed over the target (Ignite's ``DiskSaver(atomic=True)``, which MONAI
+    turns off), and a checkpoint being replaced (``n_saved``, a new best ``model.pt``) is removed only after its
+    successor is in place. A run killed while saving therefore keeps the previous checkpoint intact and never leaves
+    a truncated one; at worst a ``tmp*`` file remains in the folder. Files get the usual permissions (group and others
+    may read). Arguments as :class:`~monai.handlers.CheckpointSaver`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler = _SaveThenRemove(ckpt.save_handler)
