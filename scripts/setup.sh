@@ -5,16 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${MEDCL_VENV:-.venv}"
-PYTHON="${PYTHON:-python3}"
-
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
-fi
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-    echo "[setup] installing torch==2.13.0 into $VENV"
-    "${PIP[@]}" "torch==2.13.0"
-fi
+source scripts/venv_with_cpu_torch.sh
+venv_with_cpu_torch "$VENV"
 echo "[setup] installing medcl (editable) with its dependencies into $VENV"
 "${PIP[@]}" -e ".[dev]"
 "$VENV/bin/python" -c "import torch, monai, medcl; print(f'[setup] ready: torch {torch.__version__}, monai {monai.__version__}, medcl {medcl.__version__}')"

@@ -12,16 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${MEDCL_MONAILABEL_VENV:-.venv-monailabel}"
-PYTHON="${PYTHON:-python3}"
-
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
-fi
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-    echo "[setup-monailabel] installing torch==2.13.0 into $VENV"
-    "${PIP[@]}" "torch==2.13.0"
-fi
+source scripts/venv_with_cpu_torch.sh
+venv_with_cpu_torch "$VENV"
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 printf 'torch==2.13.0\npydicom<3\npynetdicom<3\n' > "$CONSTRAINTS"
