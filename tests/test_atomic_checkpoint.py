@@ -9,7 +9,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 import torch
 
 # A training process that saves a checkpoint every epoch; from epoch 2 on, torch.save writes half of the file,

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
+from monai.data import CacheDataset, load_decathlon_datalist
 from monai.losses import DiceLoss
 from monai.networks.nets import BasicUNet
 from monai.transforms import Compose, LoadImaged

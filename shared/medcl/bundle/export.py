@@ -39,7 +39,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from monai.bundle import ConfigParser, ckpt_export
 
