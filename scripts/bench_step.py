@@ -122,10 +122,10 @@ def bench_macl(size: int, repeats: int, dev: torch.device, dataset_dir: str) -> 
           f"(maps {tuple(outs['z_l_aux'].shape)}; {'peak' if dev.type == 'cuda' else 'sum of allocations, an upper bound of the peak'})")
 
 
-def _blocky_labels(n: int, size: int, classes: int, g: torch.Generator) -> torch.Tensor:
-    """``(n, 1, size, size, size)`` labels made of random 8³ blocks (organ-like regions with boundaries)."""
-    coarse = torch.randint(0, classes, (n, 1, *(max(1, size // 8),) * 3), generator=g).float()
-    return F.interpolate(coarse, size=(size,) * 3, mode="nearest").long()
+def _blocky_labels(n: int, size: int, classes: int, g: torch.Generator, spatial_dims: int = 3) -> torch.Tensor:
+    """``(n, 1, size, ...)`` labels made of random 8-voxel blocks (organ-like regions with boundaries), 2D or 3D."""
+    coarse = torch.randint(0, classes, (n, 1, *(max(1, size // 8),) * spatial_dims), generator=g).float()
+    return F.interpolate(coarse, size=(size,) * spatial_dims, mode="nearest").long()
 
 
 def bench_mixcl(size: int, repeats: int, dev: torch.device, dataset_dir: str, width: str = "cpu",
@@ -172,12 +172,6 @@ def bench_mixcl(size: int, repeats: int, dev: torch.device, dataset_dir: str, wi
         print(f"L_label fwd+bwd with r = {r:5d} pixels per class: {nbytes / 2**20:8.2f} MiB ({kind}; map {tuple(z1.shape)})")
 
 
-def _blocky_labels_2d(n: int, size: int, classes: int, g: torch.Generator) -> torch.Tensor:
-    """``(n, 1, size, size)`` labels made of random 8² blocks."""
-    coarse = torch.randint(0, classes, (n, 1, max(1, size // 8), max(1, size // 8)), generator=g).float()
-    return F.interpolate(coarse, size=(size, size), mode="nearest").long()
-
-
 def bench_localcl(size: int, repeats: int, dev: torch.device, dataset_dir: str,
                   budgets: tuple = (3, 10, 30, 100)) -> None:
     """Local contrastive self-training (a round's step): 2D BasicUNet + head, labelled + pseudo-labelled slices."""
@@ -187,7 +181,7 @@ def bench_localcl(size: int, repeats: int, dev: torch.device, dataset_dir: str,
     classes = parser.get_parsed_content("num_classes")
     g = torch.Generator().manual_seed(0)
     batch = {part: {"image": torch.rand(n, 1, size, size, generator=g).to(dev),
-                    "label": _blocky_labels_2d(n, size, classes, g).to(dev)} for part in ("labelled", "unlabelled")}
+                    "label": _blocky_labels(n, size, classes, g, spatial_dims=2).to(dev)} for part in ("labelled", "unlabelled")}
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     x_all = torch.cat([batch["labelled"]["image"], batch["unlabelled"]["image"]])
 

@@ -43,7 +43,7 @@ from typing import Any
 from monai.bundle import ConfigParser, ckpt_export
 
 from medcl.bundle import verify_metadata_offline
-from medcl.data import read_dataset_info
+from medcl.data import as_patch_size, read_dataset_info
 from medcl.errors import MedclInputError
 from medcl.workflows.checkpoints import file_sha256, require_checkpoint
 
@@ -146,18 +146,12 @@ def export_bundle(
 
     shape = [int(s) for s in meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
     if overrides and "patch_size" in overrides:
-        ps = overrides["patch_size"]
-        ps = [int(ps)] * len(shape) if isinstance(ps, int) else [int(s) for s in ps][: len(shape)]
-        shape = ps
+        shape = list(as_patch_size(overrides["patch_size"], len(shape)))
     how = _export_torchscript(stage, shape)
     files = [*(f"models/{f}" for f in shipped), "models/model.ts"]
     entries = [{"path": f, "url": url.format(name=name, version=version, file=os.path.basename(f)),
                 "hash_val": file_sha256(stage / f), "hash_type": "sha256"} for f in files]
-    lines = ["large_files:"]
-    for e in entries:
-        lines += [f"  - path: {e['path']}", f"    url: {e['url']}", f"    hash_val: {e['hash_val']}",
-                  f"    hash_type: {e['hash_type']}"]
-    (stage / "large_files.yml").write_text("\n".join(lines) + "\n")
+    ConfigParser.export_config_file({"large_files": entries}, str(stage / "large_files.yml"), fmt="yaml", sort_keys=False)
 
     zip_path = out_dir / f"{name}_v{version}.zip"
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".zip.tmp")

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from monai.bundle import ConfigParser
 from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from medcl.errors import MedclInputError
@@ -146,10 +146,10 @@ class _SaveThenRemove(BaseSaveHandler):
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         self.inner(checkpoint, filename, metadata)
-        written = getattr(self.inner, "filename", None) or filename
-        for old in self.pending:
-            if (getattr(self.inner, "filename", None) or old) != written:
-                self.inner.remove(old)
+        if getattr(self.inner, "filename", None) is None:  # a fixed name (MONAI's model.pt) was just replaced in place
+            for old in self.pending:
+                if old != filename:
+                    self.inner.remove(old)
         self.pending = []
 
     def remove(self, filename: str) -> None:
