@@ -102,8 +102,9 @@ class SafeCheckpointLoader(CheckpointLoader):
         kwargs: other :class:`~monai.handlers.CheckpointLoader` arguments (``map_location``, ``strict``, ...).
 
     Raises:
-        MedclInputError: (when the engine starts) for a missing file, a sha256 mismatch, or a file that is not a
-            plain weights file.
+        MedclInputError: (when the engine starts) for a missing file, a sha256 mismatch, a file that is not a
+            plain weights file, or weights of another network (keys or shapes differ; one message naming the file
+            and the first differing keys, instead of ``load_state_dict``'s full key lists).
     """
 
     def __init__(self, load_path: str, load_dict: Mapping[str, Any], sha256: str | None = None, **kwargs: Any) -> None:
@@ -115,7 +116,7 @@ class SafeCheckpointLoader(CheckpointLoader):
                                   "--ckpt_path")
         verify_sha256(path, self.sha256)
         try:  # memory-mapped, so checking costs no second read of the weights
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise MedclInputError(
                 f"{path}: not a readable plain weights file — torch.load(weights_only=True) refused it "
@@ -123,7 +124,43 @@ class SafeCheckpointLoader(CheckpointLoader):
                 "truncated download or a file carrying pickled code gives this. Only load checkpoints from sources "
                 "you trust."
             ) from e
+        self._check_fits(path, obj)
         super().__call__(engine)
+
+    def _check_fits(self, path: str, obj: Any) -> None:
+        """Refuse, with one short message, weights that ``load_state_dict`` would reject with a long key list.
+
+        Raises:
+            MedclInputError: when a network of ``load_dict`` lacks keys of the checkpoint or has keys it lacks
+                (``strict``), or a tensor's shape differs (``strict_shape``); names the file and the first keys.
+        """
+        if not isinstance(obj, Mapping) or not self.load_dict:
+            return
+        first = next(iter(self.load_dict))
+        ckpt = {first: obj} if len(self.load_dict) == 1 and first not in obj else obj
+        for name, target in self.load_dict.items():
+            if isinstance(target, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+                target = target.module
+            if not isinstance(target, torch.nn.Module) or not isinstance(ckpt.get(name), Mapping):
+                continue
+            have, want = ckpt[name], target.state_dict()
+            found = {
+                "keys missing from the checkpoint": [k for k in want if k not in have] if self.strict else [],
+                "keys not in the network": [k for k in have if k not in want] if self.strict else [],
+                "shape mismatches": [
+                    f"{k}: checkpoint {tuple(have[k].shape)} vs network {tuple(v.shape)}" for k, v in want.items()
+                    if k in have and hasattr(have[k], "shape") and tuple(have[k].shape) != tuple(v.shape)
+                ] if self.strict_shape else [],
+            }
+            problems = [
+                f"{len(v)} {what} ({'; '.join(v[:3])}{' ...' if len(v) > 3 else ''})" for what, v in found.items() if v
+            ]
+            if problems:
+                raise MedclInputError(
+                    f"{path}: the checkpoint does not fit {type(target).__name__}: {'; '.join(problems)}. It was saved "
+                    "from another network or configuration: pass --ckpt_path to a model.pt this bundle wrote, and the "
+                    "same network overrides (spatial_dims, patch_size, network sizes) as its training run."
+                )
 
 
 class _SaveThenRemove(BaseSaveHandler):
@@ -171,3 +208,17 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
                 ckpt.save_handler = _SaveThenRemove(ckpt.save_handler)
+
+    def _checkpoints(self) -> dict[str, Any]:
+        return {k: v for k, v in (("final", self._final_checkpoint), ("key_metric", self._key_metric_checkpoint),
+                                  ("interval", self._interval_checkpoint)) if v is not None}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The saved-file lists (with their scores) of every checkpoint kind, for resuming a run."""
+        return {k: v.state_dict() for k, v in self._checkpoints().items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`: e.g. a resumed run replaces ``model.pt`` only with a better one."""
+        for k, ckpt in self._checkpoints().items():
+            if k in state_dict:
+                ckpt.load_state_dict(state_dict[k])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["ddp_device", "init_process_group", "is_rank0"]
+__all__ = ["ddp_device", "init_process_group", "is_rank0", "rank_handlers"]
 
 
 def ddp_device() -> torch.device:
@@ -29,3 +31,11 @@ def init_process_group() -> bool:
 def is_rank0() -> bool:
     """True outside distributed runs and on rank 0."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def rank_handlers(handlers: Sequence[Any]) -> list[Any]:
+    """The trainer handlers of this rank: all of them on rank 0; other ranks leave out the checkpoint savers (rank 0
+    writes the shared files) and keep the rest (e.g. each rank's own run state for resuming)."""
+    from monai.handlers import CheckpointSaver
+
+    return [h for h in handlers if is_rank0() or not isinstance(h, CheckpointSaver)]

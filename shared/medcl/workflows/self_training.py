@@ -145,6 +145,7 @@ class SelfTrainingHandler:
         self.truth_items = None if truth_items is None else [dict(it) for it in truth_items]
         self.num_classes = num_classes
         self.round = 0
+        self.items: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
@@ -168,13 +169,39 @@ class SelfTrainingHandler:
         out_dir = os.path.join(self.pseudo_dir, f"round{r}")
         self.labeler.output_dir = os.path.join(out_dir, f"rank{rank}") if world > 1 else out_dir
         items = self.labeler.run(self.unlabelled[rank::world], tag=f"round{r}", checkpoint_path=ckpt)
-        self.dataset.set_data(items)
-        self.mixed_loader.set_loader("unlabelled", DataLoader(self.dataset, **self.loader_kwargs))
+        self._use(r, items)
         if self.optimizer is not None and self.reset_optimizer:
             self.optimizer.state.clear()
-        self.round = r
         self._log_round(r, ckpt, items, rank, world)
         return items
+
+    def _use(self, r: int, items: list[dict]) -> None:
+        """Train on round ``r``'s pseudo-labelled ``items`` from the next batch on."""
+        self.dataset.set_data(items)
+        self.mixed_loader.set_loader("unlabelled", DataLoader(self.dataset, **self.loader_kwargs))
+        self.round, self.items = r, [dict(it) for it in items]
+
+    # --- resuming (medcl.workflows.RunStateHandler) ----------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current round and its pseudo-labelled items (this rank's shard)."""
+        return {"round": self.round, "items": self.items}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Go back to a saved round without labelling again: its pseudo-label files must still exist.
+
+        Raises:
+            FileNotFoundError: when a pseudo-label file of the saved round is gone.
+        """
+        r, items = int(state["round"]), [dict(it) for it in state["items"]]
+        if r == 0:
+            self.round, self.items = 0, []
+            return
+        gone = [it["label"] for it in items if "label" in it and not os.path.isfile(it["label"])]
+        if gone:
+            raise FileNotFoundError(f"{gone[0]}: pseudo-label of round {r} is missing ({len(gone)} file(s)); the run "
+                                    "cannot resume its round. Restore the folder, or start afresh with --resume false.")
+        self._use(r, items)
 
     def _log_round(self, r: int, ckpt: str | None, items: list[dict], rank: int, world: int) -> None:
         entry: dict[str, Any] = {"round": r, "checkpoint": ckpt, "num_volumes": len(items),
