@@ -105,3 +105,20 @@ def test_self_training_killed_inside_a_round_resumes_that_round(phantom_dir, tmp
     assert "round 1: pseudo-label Dice" not in proc.stdout and "round 2: pseudo-label Dice" in proc.stdout
     _assert_same_weights(straight / "models" / "model_final.pt", killed / "models" / "model_final.pt")
     _assert_same_weights(straight / "models" / "model.pt", killed / "models" / "model.pt")
+
+
+def test_macl_pretraining_killed_and_resumed_ends_with_the_same_weights(phantom_dir, tmp_path):
+    """The PretrainTrainer path (4 views, two branches, cosine LR): 6 pre-training volumes, batch 1, 6 iterations
+    per epoch; killed after epoch 1 of 3."""
+    configs = [BUNDLES / "macl" / "configs" / "pretrain.json"]
+    common = ["--dataset_dir", str(phantom_dir), "--patch_size", "64", "--max_epochs", "3", "--epoch_length", "6",
+              "--num_workers", "0", "--batch_size", "1", "--samples_per_volume", "2", "--cache_rate", "0"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_bundle(configs, "--bundle_root", str(straight), *common)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    epoch = _run_and_kill(configs, ["--bundle_root", str(killed), *common], killed / "models" / "run_state.pt", 1)
+    assert epoch < 3
+    proc = run_bundle(configs, "--bundle_root", str(killed), *common, "--resume", "true")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "resumed from" in proc.stdout
+    _assert_same_weights(straight / "models" / "pretrained.pt", killed / "models" / "pretrained.pt")

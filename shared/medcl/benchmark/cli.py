@@ -9,8 +9,10 @@ Layout of a run folder::
     <out>/<run>/cells/<method>_f<frac>_s<seed>/ fine-tuning bundle_root (models/, eval/, logs, cell.json)
 
 A cell or pre-training whose ``cell.json`` / ``done.json`` exists is skipped, so a killed benchmark continues
-where it stopped (an unfinished cell is run again from its start); a second call with other methods, fractions or
-seeds adds cells to the same run, and the reports cover every finished cell.
+where it stopped: every bundle run gets ``resume: true``, so an unfinished cell or pre-training goes on from its last
+finished epoch (``models/run_state.pt``; its record then says ``"resumed": true`` and its times cover only the
+resumed part); a second call with other methods, fractions or seeds adds cells to the same run, and the reports
+cover every finished cell.
 """
 
 from __future__ import annotations
@@ -137,13 +139,16 @@ class _Benchmark:
         if done.is_file():
             return json.loads(done.read_text())
         name = f"{method.name}_s{seed}_pretrain"
-        over = self.overrides(method, "pretrain.json", {**method.pretrain_overrides, "bundle_root": root, "seed": seed}, name)
+        over = self.overrides(method, "pretrain.json", {**method.pretrain_overrides, "bundle_root": root, "seed": seed,
+                                                         "resume": True}, name)
+        resumed = (root / "models" / "run_state.pt").is_file()
         iters = _config_value(method.bundle, "pretrain.json", "max_epochs", over) * _config_value(
             method.bundle, "pretrain.json", "epoch_length", over)
         print(f"[benchmark] {name}: pre-train ({iters} iterations)", flush=True)
         result = run_bundle([BUNDLES / method.bundle / "configs" / "pretrain.json"], over, root / "pretrain.log", cwd=REPO)
         record = {"pretrain_s": result["wall_s"], "pretrain_peak_rss_mib": result["peak_rss_mib"],
-                  "pretrain_iterations": iters, "pretrained_ckpt": str(root / "models" / "pretrained.pt")}
+                  "pretrain_iterations": iters, "pretrained_ckpt": str(root / "models" / "pretrained.pt"),
+                  **({"pretrain_resumed": True} if resumed else {})}
         _write_json(done, record)
         return record
 
@@ -154,7 +159,8 @@ class _Benchmark:
             print(f"[benchmark] {root.name}: done, skipped", flush=True)
             return
         pre = self.pretrain(method, seed) if method.pretrain else {}
-        extra = {**method.train, "bundle_root": root, "seed": seed}
+        extra = {**method.train, "bundle_root": root, "seed": seed, "resume": True}
+        resumed = (root / "models" / "run_state.pt").is_file()
         if num_labelled is None:
             extra["label_fraction"] = fraction
         else:
@@ -182,6 +188,7 @@ class _Benchmark:
             **{f"dice_{k}": round(v, 4) for k, v in dice.items()},
             "train_s": train["wall_s"], "iterations": iters, "peak_rss_mib": train["peak_rss_mib"],
             **{k: v for k, v in pre.items() if k != "pretrained_ckpt"},
+            **({"resumed": True} if resumed else {}),
         }
         _write_json(root / "cell.json", record)
         print(f"[benchmark] {root.name}: mean Dice {record['mean_dice']:.3f}", flush=True)

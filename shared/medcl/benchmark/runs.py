@@ -57,7 +57,7 @@ def run_bundle(
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(log, "w") as f:
+    with open(log, "a") as f:  # appended: a resumed run keeps the killed run's log above its own
         f.write(" ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -162,6 +162,9 @@ class RunStateHandler:
         found: list[Randomizable] = []
         for loader in _loaders(getattr(engine, "data_loader", None)):
             for ds in _datasets(getattr(loader, "dataset", None)):
+                if isinstance(ds, Randomizable) and id(ds) not in seen:  # e.g. PartnerDataset draws partners
+                    seen.add(id(ds))
+                    found.append(ds)
                 found.extend(_randomizables(getattr(ds, "transform", None), seen))
         return found
 
