@@ -73,6 +73,13 @@ def test_torchrun_two_cpu_processes(phantom_dir, tmp_path):
                       torchrun=2)
     _assert_ok(proc)
     assert (tmp_path / "models" / "model_final.pt").is_file()
+    # each rank keeps its own run state (random streams differ per rank) and resumes from it
+    assert (tmp_path / "models" / "run_state.pt").is_file() and (tmp_path / "models" / "run_state_rank1.pt").is_file()
+    proc = run_bundle([CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"], *_overrides(phantom_dir, tmp_path),
+                      "--resume", "true", "--max_epochs", "2", torchrun=2)
+    _assert_ok(proc)
+    assert proc.stdout.count("resumed from") == 2 and "run_state_rank1.pt: epoch 1" in proc.stdout
+    assert "Epoch[2] Complete" in proc.stdout and "Epoch[1] Complete" not in proc.stdout
 
 
 def test_missing_dataset_names_the_command_that_creates_it(tmp_path):

@@ -122,3 +122,23 @@ def test_macl_pretraining_killed_and_resumed_ends_with_the_same_weights(phantom_
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resumed from" in proc.stdout
     _assert_same_weights(straight / "models" / "pretrained.pt", killed / "models" / "pretrained.pt")
+
+
+def test_mixcl_pretraining_killed_and_resumed_ends_with_the_same_weights(phantom_dir, tmp_path):
+    """PartnerDataset (its own random partner draws) + a tiny UNETR: 6 volumes, batch 2, 3 iterations per epoch;
+    killed after epoch 1 of 2."""
+    configs = [BUNDLES / "mixcl" / "configs" / "pretrain.json"]
+    width = {"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
+    common = ["--dataset_dir", str(phantom_dir), "--pretrain_dataset_dirs", repr([str(phantom_dir)]),
+              "--patch_size", "[32,32,32]", *[a for k, v in width.items() for a in (f"--{k}", str(v))],
+              "--max_epochs", "2", "--epoch_length", "3", "--num_workers", "0", "--batch_size", "2",
+              "--samples_per_volume", "1", "--cache_rate", "0"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_bundle(configs, "--bundle_root", str(straight), *common)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    epoch = _run_and_kill(configs, ["--bundle_root", str(killed), *common], killed / "models" / "run_state.pt", 1)
+    assert epoch < 2
+    proc = run_bundle(configs, "--bundle_root", str(killed), *common, "--resume", "true")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "resumed from" in proc.stdout
+    _assert_same_weights(straight / "models" / "pretrained.pt", killed / "models" / "pretrained.pt")
