@@ -18,10 +18,20 @@ def inference_datalist(dataset_dir: str | None = None, input_dir: str | None = N
     """Images to segment: ``*.nii.gz``/``*.nii`` files of ``input_dir`` if given, else the dataset's ``test`` list.
 
     Raises:
-        MedclInputError: when neither source yields an image, or a file is missing or unreadable.
+        MedclInputError: when ``input_dir`` is not a folder or holds no NIfTI file, when neither source yields an
+            image, or when a file is missing or unreadable.
     """
     if input_dir:
+        if not os.path.isdir(input_dir):
+            raise MedclInputError(
+                f"{input_dir}: no such folder; point --input_dir (or --unlabelled_dir) at a folder of .nii.gz images."
+            )
         files = sorted(glob.glob(os.path.join(input_dir, "*.nii.gz")) + glob.glob(os.path.join(input_dir, "*.nii")))
+        if not files:
+            raise MedclInputError(
+                f"{input_dir}: no .nii.gz or .nii images in this folder; put the images there or point --input_dir "
+                "(or --unlabelled_dir) at the folder that holds them."
+            )
         origin = input_dir
         items = [{"image": f} for f in files]
     elif not dataset_dir:

@@ -110,7 +110,7 @@ def load_splits(
         training = load_decathlon_datalist(path, is_segmentation=True, data_list_key="training")
     except (KeyError, ValueError) as e:
         raise MedclInputError(f"{path} has no usable 'training' list ({e}); list image/label pairs there.") from e
-    check_datalist(training, level=check, origin=path, label_values=list(info.labels), name="'training'")
+    check_datalist(training, level=check, origin=path, label_values=info.labels, name="'training'")
     splits = split_datalist(training, val_fraction, num_val, label_fraction, num_labelled, seed)
     if include_test:
         try:

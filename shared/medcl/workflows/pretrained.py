@@ -183,13 +183,14 @@ def load_pretrained(
     if unused_prefixes:
         problems.append(f"prefixes {unused_prefixes} match no key of {type(network).__name__}")
     if strict and problems:
-        ckpt_keys = list(ckpt)
-        hint = _common_prefix_hint(ckpt_keys) if not loaded else ""
+        ckpt_keys = list(ckpt)  # shown when no key matches: a naming problem (e.g. a "module." prefix) is likely
+        keys = f"First checkpoint keys: {ckpt_keys[:_SHOWN]}.{_common_prefix_hint(ckpt_keys)} " if not loaded else ""
         raise MedclInputError(
             f"{path}: the checkpoint does not fit {type(network).__name__}"
             f"{' under prefixes ' + str(prefixes) if prefixes is not None else ''}: " + "; ".join(problems) + ". "
-            f"First checkpoint keys: {ckpt_keys[:_SHOWN]}.{hint} Was it saved from a network with the same "
-            "configuration (network_def)? Pass strict=False to load only the matching weights."
+            f"{keys}Was it saved from a network with the same "
+            f"configuration (network_def)? To make a matching one, {how_to_make}. Or pass strict=False (in a bundle: "
+            "--pretrained_strict false) to load only the matching weights."
         )
 
     if to_load:

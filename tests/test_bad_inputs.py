@@ -1,0 +1,506 @@
+"""Every bundle entry against every bad input (issue 8, part 4): one clear error naming the file or the key and the
+fix, or a run that goes on where going on is right.
+
+The entries run in this process (``monai.bundle.ConfigWorkflow``, what ``python -m monai.bundle run`` builds) on a
+5-case 32³ phantom with tiny settings; two subprocesses show what a user sees on the terminal. The test ids,
+``<bundle>/<entry>-<case>``, make pytest's verbose output the table:
+
+=========================  =====================================================================================
+case                       outcome
+=========================  =====================================================================================
+missing_file               ``<file>: file not found (listed in <dataset.json>). Fix the path there ...``
+truncated, garbage_data    ``<image>: the NIfTI data is corrupt or truncated (...). Re-export or re-download it``
+not_gzip                   ``<file>: not a readable NIfTI file (...). Re-export it or remove it from ...``
+shape/affine_mismatch      ``<label>: label shape/affine ... Resample the label onto the image ...``
+label_values               ``<label>: label values [7] are not in dataset.json 'labels' [...]. Fix the label map``
+empty_datalist             ``The 'training' list from <dataset.json> is empty: add cases ...``
+empty_input_dir            ``<dir>: no .nii.gz or .nii images in this folder; put the images there ...``
+label_fraction_0 / _1.5    ``label_fraction=0 must be in (0, 1]; e.g. --label_fraction 0.1 for 10 %.``
+unknown_key                ``--max_epoch: no such key in <config>; did you mean --max_epochs?``
+class_never_labelled_*     training runs (finite loss, checkpoint written); a warning names the class
+small_volume               training pads and runs; inference writes a segmentation on the input grid
+pretrained_other_net       strict (default): ``<ckpt>: the checkpoint does not fit ...``, nothing loaded;
+                           ``--pretrained_strict false``: runs, the log lists the keys it did not load
+model_other_net            ``<model.pt>: the checkpoint does not fit <Net>: ... pass --ckpt_path ...``
+=========================  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import BUNDLES, assert_segmentation_of, run_bundle
+from medcl.errors import MedclInputError
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+MIXCL_NET = {"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
+ONE_STEP = {"max_epochs": 1, "epoch_length": 1, "val_interval": 1, "num_workers": 0, "cache_rate": 0.0}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A bundle config run as an entry point, with the overrides that make it tiny."""
+
+    bundle: str
+    config: str
+    tiny: dict = field(hash=False)
+
+    def __str__(self) -> str:
+        return f"{self.bundle}/{self.config}"
+
+    @property
+    def configs(self) -> Path:
+        return BUNDLES / self.bundle / "configs"
+
+    @property
+    def is_finetune(self) -> bool:
+        return self.config == "train"
+
+
+TRAIN = [
+    Entry("scratch_baseline", "train", {**ONE_STEP, "patch_size": 32, "batch_size": 1, "samples_per_volume": 2}),
+    Entry("macl", "pretrain", {**ONE_STEP, "patch_size": 64, "batch_size": 1, "samples_per_volume": 2}),
+    Entry("macl", "train", {**ONE_STEP, "patch_size": 64, "batch_size": 1, "samples_per_volume": 2, "init": "random"}),
+    Entry("mixcl", "pretrain", {**ONE_STEP, "patch_size": [32, 32, 32], **MIXCL_NET, "batch_size": 2,
+                                "samples_per_volume": 1}),
+    Entry("mixcl", "train", {**ONE_STEP, "patch_size": [32, 32, 32], **MIXCL_NET, "batch_size": 1,
+                             "samples_per_volume": 2, "init": "random"}),
+    # no pseudo-label round (slow); the local loss runs on the labelled pair instead (lambda_local_gt)
+    Entry("localcl_selftrain", "train", {**ONE_STEP, "patch_size": 32, "batch_size": 2, "samples_per_volume": 2,
+                                         "num_labelled": 2, "num_rounds": 0, "round_epochs": 1,
+                                         "lambda_local_gt": 0.1}),
+]
+FINETUNE = [e for e in TRAIN if e.is_finetune]
+INFERENCE = [
+    Entry("scratch_baseline", "inference", {"patch_size": 32, "num_workers": 0}),
+    Entry("macl", "inference", {"patch_size": 64, "num_workers": 0}),
+    Entry("mixcl", "inference", {"patch_size": [32, 32, 32], **MIXCL_NET, "num_workers": 0}),
+    Entry("localcl_selftrain", "inference", {"patch_size": 32, "num_workers": 0}),
+]
+NUM_CLASSES = 5  # the abdomen phantom: background + 4 organs
+
+
+def _ids(entries):
+    return [str(e) for e in entries]
+
+
+# --------------------------------------------------------------------------------------------------- running
+def make_workflow(entry: Entry, dataset_dir, root, **extra):
+    """The workflow ``python -m monai.bundle run`` would build for ``entry`` (initialised: CLI check done)."""
+    from monai.bundle import ConfigWorkflow
+
+    overrides = {**entry.tiny, "bundle_root": str(root), "dataset_dir": str(dataset_dir), **extra}
+    if str(entry) == "mixcl/pretrain":
+        overrides.setdefault("pretrain_dataset_dirs", [str(dataset_dir)])
+    workflow = ConfigWorkflow(
+        config_file=str(entry.configs / f"{entry.config}.json"), meta_file=str(entry.configs / "metadata.json"),
+        logging_file=False, workflow_type=None, **overrides,
+    )
+    workflow.initialize()
+    return workflow
+
+
+def run_entry(entry: Entry, dataset_dir, root, **extra):
+    workflow = make_workflow(entry, dataset_dir, root, **extra)
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+def the_input_error(excinfo) -> str:
+    """The one :class:`MedclInputError` in an exception chain (MONAI wraps it in RuntimeErrors); its message."""
+    chain, err = [], excinfo.value
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    errors = [e for e in chain if isinstance(e, MedclInputError)]
+    assert errors, f"no MedclInputError behind {type(excinfo.value).__name__}: {excinfo.value}"
+    assert len({str(e) for e in errors}) == 1, [str(e) for e in errors]
+    msg = str(errors[0])
+    assert "Traceback" not in msg and len(msg) < 2000, msg  # one message, not a dump
+    return msg
+
+
+def expect_error(entry: Entry, dataset_dir, root, patterns, **extra) -> str:
+    """Run ``entry``; it must fail with one MedclInputError matching every regex of ``patterns``, before training."""
+    with pytest.raises(Exception) as excinfo:
+        run_entry(entry, dataset_dir, root, **extra)
+    msg = the_input_error(excinfo)
+    for pattern in patterns:
+        assert re.search(pattern, msg), f"{pattern!r} not in: {msg}"
+    assert not list(Path(root).glob("models/*.pt")), "a failed run must not write a checkpoint"
+    return msg
+
+
+def last_loss(workflow) -> float:
+    out = workflow.parser.get_parsed_content("train#trainer").state.output
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    return float(out["loss"])
+
+
+def assert_trained(entry: Entry, workflow, root) -> None:
+    assert math.isfinite(last_loss(workflow))
+    written = "pretrained.pt" if entry.config == "pretrain" else "model_final.pt"
+    assert (Path(root) / "models" / written).is_file()
+
+
+# --------------------------------------------------------------------------------------------------- data
+def _label_path(ds: Path, meta: dict, i: int = 0) -> Path:
+    return ds / meta["training"][i]["label"]
+
+
+def _image_path(ds: Path, meta: dict, i: int = 0) -> Path:
+    return ds / meta["training"][i]["image"]
+
+
+def _rewrite_label(path: Path, fn) -> None:
+    img = nib.load(str(path))
+    data, affine = fn(np.asarray(img.dataobj).copy(), img.affine.copy())
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), affine), str(path))
+
+
+def _shift_origin(data, affine):
+    affine[:3, 3] += 10.0  # 10 mm off the image's grid
+    return data, affine
+
+
+def _unknown_value(data, affine):
+    data.flat[0] = 7  # the dataset's labels are 0-4
+    return data, affine
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage_after_header(path: Path) -> None:
+    """Valid gzip header and NIfTI header bytes, then random bytes: same length, undecodable data."""
+    data = path.read_bytes()
+    keep = len(data) // 4
+    path.write_bytes(data[:keep] + np.random.default_rng(0).bytes(len(data) - keep))
+
+
+def _not_gzip(path: Path) -> None:
+    path.write_text("this is not a NIfTI file\n" * 8)
+
+
+@dataclass
+class Bad:
+    """A damaged dataset: its folder, the file (or folder) an error must name, and extra overrides."""
+
+    dataset_dir: Path
+    names: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from medcl.data.phantom import generate_dataset
+
+    out = tmp_path_factory.mktemp("base")
+    generate_dataset(str(out), n=5, n_test=1, seed=0, shape=(32, 32, 32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad(base, tmp_path_factory) -> dict[str, Bad]:
+    """Every damaged training dataset, built once: a copy of ``base`` with one defect."""
+    from medcl.data.phantom import generate_dataset
+
+    root = tmp_path_factory.mktemp("bad")
+    meta0 = json.loads((base / "dataset.json").read_text())
+    out = {}
+
+    def copy(name: str):
+        ds = root / name
+        shutil.copytree(base, ds)
+        return ds, json.loads((ds / "dataset.json").read_text())
+
+    ds, meta = copy("missing_file")
+    _image_path(ds, meta).unlink()
+    out["missing_file"] = Bad(ds, _image_path(ds, meta))
+    for name, damage, victim in (("truncated", _truncate, _image_path),
+                                 ("garbage_data", _garbage_after_header, _image_path),
+                                 ("not_gzip", _not_gzip, _label_path)):
+        ds, meta = copy(name)
+        damage(victim(ds, meta))
+        out[name] = Bad(ds, victim(ds, meta))
+    ds, meta = copy("shape_mismatch")
+    _rewrite_label(_label_path(ds, meta), lambda d, a: (d[..., :-2], a))
+    out["shape_mismatch"] = Bad(ds, _label_path(ds, meta))
+    ds, meta = copy("affine_mismatch")
+    _rewrite_label(_label_path(ds, meta), _shift_origin)
+    out["affine_mismatch"] = Bad(ds, _label_path(ds, meta))
+    ds, meta = copy("label_values")
+    _rewrite_label(_label_path(ds, meta), _unknown_value)
+    out["label_values"] = Bad(ds, _label_path(ds, meta))
+    ds, meta = copy("empty_datalist")
+    (ds / "dataset.json").write_text(json.dumps({**meta, "training": [], "numTraining": 0}))
+    out["empty_datalist"] = Bad(ds, ds / "dataset.json")
+    # a class that no label map contains: listed after the others, or a gap (spleen erased everywhere)
+    ds, meta = copy("class_never_labelled_extra")
+    (ds / "dataset.json").write_text(json.dumps({**meta, "labels": {**meta["labels"], "5": "ghost"}}))
+    out["class_never_labelled_extra"] = Bad(ds, extra={"absent": "5 ('ghost')"})
+    ds, meta = copy("class_never_labelled_gap")
+    for i in range(len(meta["training"])):
+        _rewrite_label(_label_path(ds, meta, i), lambda d, a: (np.where(d == 2, 0, d), a))
+    out["class_never_labelled_gap"] = Bad(ds, extra={"absent": f"2 ({meta0['labels']['2']!r})"})
+    small = root / "small_volume"
+    generate_dataset(str(small), n=5, n_test=1, seed=1, shape=(16, 16, 16))
+    out["small_volume"] = Bad(small)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad_inference(base, tmp_path_factory) -> dict[str, Bad]:
+    """Damaged inputs for inference: a dataset whose 'test' image is gone, and --input_dir folders."""
+    root = tmp_path_factory.mktemp("bad_inference")
+    test_image = base / json.loads((base / "dataset.json").read_text())["test"][0]
+    out = {}
+    ds = root / "missing_file"
+    shutil.copytree(base, ds)
+    (ds / test_image.relative_to(base)).unlink()
+    out["missing_file"] = Bad(ds, ds / test_image.relative_to(base))
+    for name, damage in (("truncated", _truncate), ("garbage_data", _garbage_after_header), ("not_gzip", _not_gzip)):
+        folder = root / name
+        folder.mkdir()
+        shutil.copy(test_image, folder / test_image.name)
+        damage(folder / test_image.name)
+        out[name] = Bad(base, folder / test_image.name, {"input_dir": str(folder)})
+    (root / "empty").mkdir()
+    out["empty_input_dir"] = Bad(base, root / "empty", {"input_dir": str(root / "empty")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_roots(base, tmp_path_factory) -> dict[str, Path]:
+    """A bundle root per inference entry with a models/model.pt of the right (tiny) network, random weights."""
+    from monai.bundle import ConfigParser
+
+    roots = {}
+    for entry in INFERENCE:
+        root = tmp_path_factory.mktemp(entry.bundle)
+        parser = ConfigParser()
+        parser.read_config(str(entry.configs / "inference.json"))
+        parser.update({**entry.tiny, "bundle_root": str(root), "dataset_dir": str(base)})
+        (root / "models").mkdir()
+        torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+        roots[str(entry)] = root
+    return roots
+
+
+# --------------------------------------------------------------------------------------------------- bad data
+P = re.escape
+DATA_CASES = {  # case -> (regexes on the message, given the file the message must name and its dataset.json)
+    "missing_file": lambda f, j: [rf"^{P(str(f))}: file not found \(listed in {P(str(j))}\)", "Fix the path"],
+    "truncated": lambda f, j: [rf"^{P(str(f))}: the NIfTI data is corrupt or truncated", "Re-export or re-download"],
+    "garbage_data": lambda f, j: [rf"^{P(str(f))}: the NIfTI data is corrupt or truncated", "Re-export or re-download"],
+    "not_gzip": lambda f, j: [rf"^{P(str(f))}: not a readable NIfTI file", "Re-export it or remove it"],
+    "shape_mismatch": lambda f, j: [rf"^{P(str(f))}: label shape \(32, 32, 30\) does not match image",
+                                    "Resample the label onto the image grid"],
+    "affine_mismatch": lambda f, j: [rf"^{P(str(f))}: label affine differs from image", "resample the label onto"],
+    "label_values": lambda f, j: [rf"^{P(str(f))}: label values \[7\] are not in dataset.json 'labels' "
+                                  r"\[0, 1, 2, 3, 4\]", "Fix the label map or add the classes"],
+    "empty_datalist": lambda f, j: [rf"The 'training' list from {P(str(j))} is empty: add cases"],
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+@pytest.mark.parametrize("entry", TRAIN, ids=_ids(TRAIN))
+def test_train_bad_data(entry, case, bad, tmp_path):
+    b = bad[case]
+    expect_error(entry, b.dataset_dir, tmp_path, DATA_CASES[case](b.names, b.dataset_dir / "dataset.json"))
+
+
+@pytest.mark.parametrize("fraction", [0, 1.5], ids=["label_fraction_0", "label_fraction_1.5"])
+@pytest.mark.parametrize("entry", FINETUNE, ids=_ids(FINETUNE))
+def test_train_bad_label_fraction(entry, fraction, base, tmp_path):
+    pattern = rf"^label_fraction={fraction} must be in \(0, 1\]; e\.g\. --label_fraction 0\.1"
+    expect_error(entry, base, tmp_path, [pattern], label_fraction=fraction, num_labelled=None)
+
+
+@pytest.mark.parametrize("case", ["class_never_labelled_extra", "class_never_labelled_gap"])
+@pytest.mark.parametrize("entry", TRAIN, ids=_ids(TRAIN))
+def test_train_class_never_labelled_runs_and_warns(entry, case, bad, tmp_path, caplog):
+    b = bad[case]
+    with caplog.at_level(logging.WARNING, logger="medcl.data.checks"):
+        workflow = run_entry(entry, b.dataset_dir, tmp_path)
+    assert_trained(entry, workflow, tmp_path)
+    warned = [r.getMessage() for r in caplog.records if r.name == "medcl.data.checks"]
+    assert any(f"class {b.extra['absent']} is in no label map" in m and "dataset.json" in m for m in warned), warned
+
+
+@pytest.mark.parametrize("entry", TRAIN, ids=_ids(TRAIN))
+def test_train_small_volume_is_padded(entry, bad, tmp_path):
+    """16³ volumes with 32³ (64² for MACL) patches: the pipelines pad (SpatialPadd, sliding windows) and train."""
+    workflow = run_entry(entry, bad["small_volume"].dataset_dir, tmp_path)
+    assert_trained(entry, workflow, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------- inference
+@pytest.mark.parametrize("case", ["missing_file", "truncated", "garbage_data", "not_gzip", "empty_input_dir"])
+@pytest.mark.parametrize("entry", INFERENCE, ids=_ids(INFERENCE))
+def test_inference_bad_data(entry, case, bad_inference, trained_roots, tmp_path):
+    b = bad_inference[case]
+    if case == "empty_input_dir":
+        patterns = [rf"^{P(str(b.names))}: no \.nii\.gz or \.nii images in this folder; put the images there"]
+    else:
+        patterns = DATA_CASES[case](b.names, b.dataset_dir / "dataset.json")
+    with pytest.raises(Exception) as excinfo:
+        run_entry(entry, b.dataset_dir, trained_roots[str(entry)], output_dir=str(tmp_path / "pred"), **b.extra)
+    msg = the_input_error(excinfo)
+    for pattern in patterns:
+        assert re.search(pattern, msg), f"{pattern!r} not in: {msg}"
+    assert not list(tmp_path.rglob("*_seg.nii.gz"))
+
+
+@pytest.mark.parametrize("entry", INFERENCE, ids=_ids(INFERENCE))
+def test_inference_small_volume_on_input_grid(entry, bad, trained_roots, tmp_path):
+    small = bad["small_volume"].dataset_dir
+    run_entry(entry, small, trained_roots[str(entry)], output_dir=str(tmp_path))
+    test_image = small / json.loads((small / "dataset.json").read_text())["test"][0]
+    assert nib.load(str(test_image)).shape == (16, 16, 16)
+    assert_segmentation_of(tmp_path, test_image, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("entry", INFERENCE, ids=_ids(INFERENCE))
+def test_inference_model_of_another_network(entry, base, trained_roots, tmp_path):
+    from monai.networks.nets import UNet
+
+    ckpt = tmp_path / "other_model.pt"
+    torch.save(UNet(2, 1, NUM_CLASSES, channels=(4, 8, 16), strides=(2, 2)).state_dict(), ckpt)
+    with pytest.raises(Exception) as excinfo:
+        run_entry(entry, base, trained_roots[str(entry)], output_dir=str(tmp_path / "pred"), ckpt_path=str(ckpt))
+    msg = the_input_error(excinfo)
+    assert re.search(rf"^{P(str(ckpt))}: the checkpoint does not fit \w+: \d+ (keys|shape)", msg), msg
+    assert "pass --ckpt_path to a model.pt this bundle wrote" in msg
+    assert not list(tmp_path.rglob("*_seg.nii.gz"))
+
+
+# --------------------------------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize("entry", TRAIN + INFERENCE, ids=_ids(TRAIN + INFERENCE))
+def test_unknown_cli_key(entry, base, trained_roots, tmp_path, monkeypatch):
+    """check_cli_overrides reads sys.argv: here it is what ``python -m monai.bundle run`` would see."""
+    config = str(entry.configs / f"{entry.config}.json")
+    monkeypatch.setattr(sys, "argv", ["monai/bundle/__main__.py", "run", "--config_file", config,
+                                      "--dataset_dir", str(base), "--max_epoch", "3"])
+    root = trained_roots.get(str(entry), tmp_path)
+    with pytest.raises(Exception) as excinfo:
+        make_workflow(entry, base, root, max_epoch=3)
+    msg = the_input_error(excinfo)
+    assert msg.startswith(f"--max_epoch: no such key in {config}"), msg
+    assert "Check the spelling" in msg
+    if entry.config != "inference":  # inference has no epochs: nothing close to suggest
+        assert "did you mean --max_epochs?" in msg
+
+
+def _partly_fitting_checkpoint(entry: Entry, path: Path) -> str:
+    """A pre-training checkpoint of the same family but another width: some tensors fit, others do not.
+
+    Returns a key that fits (and is targeted by the PretrainedLoader).
+    """
+    from monai.networks.nets import UNETR, BasicUNet
+
+    torch.manual_seed(7)
+    if entry.bundle == "macl":  # deeper levels twice as wide
+        net = BasicUNet(2, 1, NUM_CLASSES, features=(32, 32, 64, 128, 512, 32), norm="batch")
+        key = "conv_0.conv_0.conv.weight"
+    else:  # a narrower transformer; the first convolutional encoder block still fits
+        net = UNETR(1, 1, img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4,
+                    norm_name="instance", res_block=True)
+        key = "encoder1.layer.conv1.conv.weight"
+    torch.save(net.state_dict(), path)
+    return key
+
+
+@pytest.mark.parametrize("entry", FINETUNE[1:3], ids=_ids(FINETUNE[1:3]))
+def test_pretrained_checkpoint_of_another_network(entry, base, tmp_path, caplog):
+    ckpt = tmp_path / "other_pretrained.pt"
+    fitting_key = _partly_fitting_checkpoint(entry, ckpt)
+    saved = torch.load(ckpt, weights_only=True)[fitting_key]
+    pretrained = {"init": "pretrained", "pretrained_ckpt": str(ckpt), "learning_rate": 0.0}
+
+    # strict (the default): one report naming the file and the mismatches, and nothing loaded
+    workflow = make_workflow(entry, base, tmp_path / "strict", **pretrained)
+    with pytest.raises(Exception) as excinfo:
+        workflow.run()
+    msg = the_input_error(excinfo)
+    assert re.search(rf"^{P(str(ckpt))}: the checkpoint does not fit \w+ under prefixes .*shape mismatches", msg), msg
+    assert "To make a matching one, run the" in msg and "--pretrained_strict false" in msg
+    assert not torch.equal(workflow.parser.get_parsed_content("network").state_dict()[fitting_key], saved)
+    assert not list((tmp_path / "strict").glob("models/*.pt"))
+
+    # strict false: the matching tensors load, the run goes on, the log lists what was not loaded
+    with caplog.at_level(logging.INFO, logger="medcl.workflows.pretrained"):
+        workflow = run_entry(entry, base, tmp_path / "lenient", **pretrained, pretrained_strict=False)
+    assert_trained(entry, workflow, tmp_path / "lenient")
+    final = torch.load(tmp_path / "lenient" / "models" / "model_final.pt", weights_only=True)
+    assert torch.equal(final[fitting_key], saved)  # learning rate 0: the loaded initialisation
+    log = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert f"{ckpt}: partial load (strict=False)" in log and "shape mismatches (" in log
+    assert f"{ckpt}: skipped checkpoint keys" in log  # the decoder keys outside the pre-trained prefixes
+
+
+# --------------------------------------------------------------------------------------------------- the check itself
+def test_header_check_reads_label_maps_and_only_suspicious_images(base, tmp_path, monkeypatch):
+    """The default level stays cheap: a sound image is not decompressed; a file whose stored length disagrees with
+    its header is, and fails only if its data really is unreadable (a two-member gzip is fine)."""
+    import gzip
+
+    from medcl.data import checks
+
+    meta = json.loads((base / "dataset.json").read_text())
+    item = {"image": str(_image_path(base, meta)), "label": str(_label_path(base, meta))}
+    reads = []
+    read = checks._read_data
+    monkeypatch.setattr(checks, "_read_data", lambda img, path, origin: reads.append(path) or read(img, path, origin))
+    checks.check_datalist([item], level="header", label_values=[0, 1, 2, 3, 4])
+    assert reads == [item["label"]]
+
+    raw = gzip.decompress(Path(item["image"]).read_bytes())
+    two = tmp_path / "two_members.nii.gz"  # as bgzip writes: the last member's size field is not the total
+    two.write_bytes(gzip.compress(raw[:4096]) + gzip.compress(raw[4096:]))
+    reads.clear()
+    checks.check_datalist([{"image": str(two)}], keys=("image",), level="header")
+    assert reads == [str(two)]
+
+    short = tmp_path / "short.nii"  # uncompressed, cut short
+    short.write_bytes(raw[:-100])
+    with pytest.raises(MedclInputError, match=rf"^{P(str(short))}: the NIfTI data is corrupt or truncated"):
+        checks.check_datalist([{"image": str(short)}], keys=("image",), level="header")
+
+
+# --------------------------------------------------------------------------------------------------- terminal
+def test_terminal_shows_the_error_naming_the_file(bad, tmp_path):
+    """What a user sees: the MedclInputError line once, naming the file, before MONAI's wrapping traceback."""
+    b = bad["truncated"]
+    entry = TRAIN[2]  # macl/train
+    args = [a for k, v in {**entry.tiny, "init": "random"}.items() for a in (f"--{k}", str(v))]
+    proc = run_bundle([entry.configs / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir",
+                      str(b.dataset_dir), *args)
+    assert proc.returncode != 0
+    line = f"medcl.errors.MedclInputError: {b.names}: the NIfTI data is corrupt or truncated"
+    assert proc.stdout.count("MedclInputError: ") == 1 and line in proc.stdout, proc.stdout[-3000:]
+    assert "Epoch: 1/1" not in proc.stdout  # stopped before training
+
+
+def test_terminal_unknown_key_from_the_real_command_line(base, trained_roots):
+    entry = INFERENCE[2]  # mixcl/inference
+    proc = run_bundle([entry.configs / "inference.json"], "--bundle_root", str(trained_roots[str(entry)]),
+                      "--dataset_dir", str(base), "--max_epoch", "3")
+    assert proc.returncode != 0
+    assert proc.stdout.count("MedclInputError: --max_epoch: no such key in ") == 1, proc.stdout[-3000:]
