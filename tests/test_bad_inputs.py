@@ -486,7 +486,8 @@ def test_header_check_reads_label_maps_and_only_suspicious_images(base, tmp_path
 
 # --------------------------------------------------------------------------------------------------- terminal
 def test_terminal_shows_the_error_naming_the_file(bad, tmp_path):
-    """What a user sees: the MedclInputError line once, naming the file, before MONAI's wrapping traceback."""
+    """What a user sees: the MedclInputError line once, naming the file, as the last words of the run (no traceback:
+    ``medcl.errors.install_excepthook``)."""
     b = bad["truncated"]
     entry = TRAIN[2]  # macl/train
     args = [a for k, v in {**entry.tiny, "init": "random"}.items() for a in (f"--{k}", str(v))]
@@ -495,6 +496,7 @@ def test_terminal_shows_the_error_naming_the_file(bad, tmp_path):
     assert proc.returncode != 0
     line = f"medcl.errors.MedclInputError: {b.names}: the NIfTI data is corrupt or truncated"
     assert proc.stdout.count("MedclInputError: ") == 1 and line in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and proc.stdout.strip().splitlines()[-2].startswith(line)
     assert "Epoch: 1/1" not in proc.stdout  # stopped before training
 
 
@@ -504,3 +506,11 @@ def test_terminal_unknown_key_from_the_real_command_line(base, trained_roots):
                       "--dataset_dir", str(base), "--max_epoch", "3")
     assert proc.returncode != 0
     assert proc.stdout.count("MedclInputError: --max_epoch: no such key in ") == 1, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+
+
+def test_full_traceback_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDCL_TRACEBACK", "1")
+    proc = run_bundle([TRAIN[0].configs / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir",
+                      str(tmp_path / "none"))
+    assert proc.returncode != 0 and "Traceback" in proc.stdout and "dataset.json not found" in proc.stdout

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from monai.bundle import ConfigParser
 
-from medcl.errors import MedclInputError
+from medcl.errors import MedclInputError, install_excepthook
 
 __all__ = ["check_cli_overrides"]
 
@@ -38,15 +38,19 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
     """Check that every ``--key value`` of a ``python -m monai.bundle run`` command names a key of its configs.
 
     Does nothing when the process was not started by ``monai.bundle run`` with ``--config_file`` (e.g. MONAI Label
-    or a Python caller, which pass overrides programmatically).
+    or a Python caller, which pass overrides programmatically). In a command-line run it also installs
+    :func:`medcl.errors.install_excepthook`, so bad input stops the run with its one message, not a traceback.
 
     Raises:
         MedclInputError: naming the unknown key, the config files, and the closest existing keys.
     """
+    from_cli = argv is None
     argv = list(sys.argv if argv is None else argv)
     files = _config_files(argv)
     if "run" not in argv or not files:
         return True
+    if from_cli:
+        install_excepthook()
     parser = ConfigParser()
     parser.read_config(files)
     allowed = RUN_ARGS | (TRACKING_KEYS if "--tracking" in argv or any(a.startswith("--tracking=") for a in argv) else set())
