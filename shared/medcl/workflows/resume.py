@@ -117,12 +117,13 @@ class RunStateHandler:
     With ``resume=True`` and such a file present, everything is loaded back when the trainer starts (after any
     pre-trained weights are loaded, so the run's own weights win), ``objects`` first and random states last, and the
     run goes on from the next epoch; without the file the run starts afresh. The configured ``max_epochs`` wins over
-    the saved one, so a finished run can also be extended. Under ``torchrun`` every rank keeps its own file
-    (``run_state_rank<k>.pt``): random states and self-training shards differ per rank.
+    the saved one, so a finished run can also be extended (objects keep their saved state: an LR scheduler its old
+    schedule, e.g. a cosine's ``T_max``). Under ``torchrun`` every rank keeps its own file (``run_state_rank<k>.pt``):
+    random states and self-training shards differ per rank.
 
     A resumed run repeats an uninterrupted one exactly (same seed, CPU) when each epoch starts a fresh pass over the
-    data: ``num_workers=0`` and an ``epoch_length`` that is a multiple of the loader's length (the
-    tests' set-up). Otherwise (data-loader worker processes, an epoch ending mid-pass) it continues with a fresh
+    data: ``num_workers=0`` and an ``epoch_length`` that is a multiple of the loader's length (the tests' set-up).
+    Otherwise (data-loader worker processes, an epoch ending mid-pass) it continues with a fresh
     pass and the workers' own random streams: the same training, not the same numbers.
 
     Args:
