@@ -63,22 +63,35 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=f"{k} differs")
 
 
-def test_scratch_killed_and_resumed_ends_with_the_same_weights(phantom_dir, tmp_path):
-    configs = [BUNDLES / "scratch_baseline" / "configs" / "train.json"]
-    common = ["--dataset_dir", str(phantom_dir), *SCRATCH, "--max_epochs", "4"]
+def _straight_killed_resumed(configs, common, tmp_path: Path, kill_after: int, max_epochs: int, before_resume=None):
+    """Run once straight; run again, SIGKILL it once its run state reaches ``kill_after``, resume it with
+    ``--resume true``. Returns (straight root, resumed root, epoch of the kill, the resuming process)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_bundle(configs, "--bundle_root", str(straight), *common)
     assert proc.returncode == 0, proc.stdout[-3000:]
-
-    epoch = _run_and_kill(configs, ["--bundle_root", str(killed), *common], killed / "models" / "run_state.pt", 2)
-    assert 2 <= epoch < 4
-    assert not (killed / "models" / "model_final.pt").exists()
+    state = killed / "models" / "run_state.pt"
+    epoch = _run_and_kill(configs, ["--bundle_root", str(killed), *common], state, kill_after)
+    assert kill_after <= epoch < max_epochs
+    if before_resume is not None:
+        before_resume(epoch, torch.load(state, weights_only=True))
     proc = run_bundle(configs, "--bundle_root", str(killed), *common, "--resume", "true")
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert f"resumed from {killed / 'models' / 'run_state.pt'}: epoch {epoch}" in proc.stdout
-    assert f"Epoch[{epoch}] Complete" not in proc.stdout and "Epoch[4] Complete" in proc.stdout
+    assert f"resumed from {state}: epoch {epoch}" in proc.stdout
+    assert f"Epoch[{epoch}] Complete" not in proc.stdout and f"Epoch[{max_epochs}] Complete" in proc.stdout
+    return straight, killed, epoch, proc
+
+
+def test_scratch_killed_and_resumed_ends_with_the_same_weights(phantom_dir, tmp_path):
+    configs = [BUNDLES / "scratch_baseline" / "configs" / "train.json"]
+    common = ["--dataset_dir", str(phantom_dir), *SCRATCH, "--max_epochs", "4"]
+    straight, killed, _, _ = _straight_killed_resumed(configs, common, tmp_path, kill_after=2, max_epochs=4,
+                                                      before_resume=lambda *_: _assert_no_final(tmp_path))
     _assert_same_weights(straight / "models" / "model_final.pt", killed / "models" / "model_final.pt")
     _assert_same_weights(straight / "models" / "model.pt", killed / "models" / "model.pt")
+
+
+def _assert_no_final(tmp_path: Path) -> None:
+    assert not (tmp_path / "killed" / "models" / "model_final.pt").exists()
 
 
 def test_self_training_killed_inside_a_round_resumes_that_round(phantom_dir, tmp_path):
@@ -89,19 +102,15 @@ def test_self_training_killed_inside_a_round_resumes_that_round(phantom_dir, tmp
     common = ["--dataset_dir", str(phantom_dir), "--patch_size", "32", "--num_labelled", "1", "--num_rounds", "2",
               "--round_epochs", "2", "--max_epochs", "5", "--epoch_length", "5", "--val_interval", "1",
               "--num_workers", "0", "--batch_size", "1", "--samples_per_volume", "2"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = run_bundle(configs, "--bundle_root", str(straight), *common)
-    assert proc.returncode == 0, proc.stdout[-3000:]
 
-    state = killed / "models" / "run_state.pt"
-    epoch = _run_and_kill(configs, ["--bundle_root", str(killed), *common], state, 2)
-    if epoch != 2:
-        pytest.skip(f"the run reached epoch {epoch} before the kill landed (a slow poll); the round-1 resume path "
-                    "was not exercised")
-    assert torch.load(state, weights_only=True)["objects"]["self_training"]["round"] == 1
-    proc = run_bundle(configs, "--bundle_root", str(killed), *common, "--resume", "true")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "resumed from" in proc.stdout
+    def inside_round_1(epoch, state):
+        if epoch != 2:
+            pytest.skip(f"the run reached epoch {epoch} before the kill landed (a slow poll); the round-1 resume path "
+                        "was not exercised")
+        assert state["objects"]["self_training"]["round"] == 1
+
+    straight, killed, _, proc = _straight_killed_resumed(configs, common, tmp_path, kill_after=2, max_epochs=5,
+                                                         before_resume=inside_round_1)
     assert "round 1: pseudo-label Dice" not in proc.stdout and "round 2: pseudo-label Dice" in proc.stdout
     _assert_same_weights(straight / "models" / "model_final.pt", killed / "models" / "model_final.pt")
     _assert_same_weights(straight / "models" / "model.pt", killed / "models" / "model.pt")
@@ -113,14 +122,7 @@ def test_macl_pretraining_killed_and_resumed_ends_with_the_same_weights(phantom_
     configs = [BUNDLES / "macl" / "configs" / "pretrain.json"]
     common = ["--dataset_dir", str(phantom_dir), "--patch_size", "64", "--max_epochs", "3", "--epoch_length", "6",
               "--num_workers", "0", "--batch_size", "1", "--samples_per_volume", "2", "--cache_rate", "0"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = run_bundle(configs, "--bundle_root", str(straight), *common)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    epoch = _run_and_kill(configs, ["--bundle_root", str(killed), *common], killed / "models" / "run_state.pt", 1)
-    assert epoch < 3
-    proc = run_bundle(configs, "--bundle_root", str(killed), *common, "--resume", "true")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "resumed from" in proc.stdout
+    straight, killed, _, _ = _straight_killed_resumed(configs, common, tmp_path, kill_after=1, max_epochs=3)
     _assert_same_weights(straight / "models" / "pretrained.pt", killed / "models" / "pretrained.pt")
 
 
@@ -133,12 +135,5 @@ def test_mixcl_pretraining_killed_and_resumed_ends_with_the_same_weights(phantom
               "--patch_size", "[32,32,32]", *[a for k, v in width.items() for a in (f"--{k}", str(v))],
               "--max_epochs", "2", "--epoch_length", "3", "--num_workers", "0", "--batch_size", "2",
               "--samples_per_volume", "1", "--cache_rate", "0"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = run_bundle(configs, "--bundle_root", str(straight), *common)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    epoch = _run_and_kill(configs, ["--bundle_root", str(killed), *common], killed / "models" / "run_state.pt", 1)
-    assert epoch < 2
-    proc = run_bundle(configs, "--bundle_root", str(killed), *common, "--resume", "true")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "resumed from" in proc.stdout
+    straight, killed, _, _ = _straight_killed_resumed(configs, common, tmp_path, kill_after=1, max_epochs=2)
     _assert_same_weights(straight / "models" / "pretrained.pt", killed / "models" / "pretrained.pt")
