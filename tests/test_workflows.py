@@ -23,6 +23,7 @@ def test_known_overrides_pass():
     assert check_cli_overrides(_argv("--tracking", "mlflow", "--experiment_name", "x"))
     merged = ["m", "run", "--config_file", repr([TRAIN, EVALUATE]), "--ckpt_path", "x.pt"]
     assert check_cli_overrides(merged)  # ckpt_path exists only in the overlay
+    assert check_cli_overrides(_argv("--loss#smooth_nr", "0.1"))  # a new argument of a component (its class checks it)
 
 
 def test_unknown_override_is_named_with_a_suggestion():
@@ -30,6 +31,8 @@ def test_unknown_override_is_named_with_a_suggestion():
         check_cli_overrides(_argv("--label_fractoin", "0.1"))
     with pytest.raises(MedclInputError, match="--experiment_name"):
         check_cli_overrides(_argv("--experiment_name", "x"))  # only valid with --tracking
+    with pytest.raises(MedclInputError, match="--seed#x: no such key"):
+        check_cli_overrides(_argv("--seed#x", "1"))  # seed is not a component
 
 
 def test_not_a_bundle_command_is_left_alone():

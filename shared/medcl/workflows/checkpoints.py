@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader, CheckpointSaver
@@ -200,7 +201,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
     turns off), and a checkpoint being replaced (``n_saved``, a new best ``model.pt``) is removed only after its
     successor is in place. A run killed while saving therefore keeps the previous checkpoint intact and never leaves
     a truncated one; at worst a ``tmp*`` file remains in the folder. Files get the usual permissions (group and others
-    may read). Arguments as :class:`~monai.handlers.CheckpointSaver`.
+    may read).
+
+    With ``save_final``, an exception (a non-finite loss, Ctrl-C) saves the final checkpoint only when the run has
+    trained at least one iteration since it started: an error before training (a pre-trained or run state that does
+    not fit, ...) leaves the files of an earlier run as they are. Arguments as :class:`~monai.handlers.CheckpointSaver`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -208,6 +213,18 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
                 ckpt.save_handler = _SaveThenRemove(ckpt.save_handler)
+        self._trained = False
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self._final_checkpoint is not None:
+            engine.add_event_handler(Events.STARTED, lambda _: setattr(self, "_trained", False))
+            engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: setattr(self, "_trained", True))
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        if not self._trained:
+            raise e
+        super().exception_raised(engine, e)
 
     def _checkpoints(self) -> dict[str, Any]:
         return {k: v for k, v in (("final", self._final_checkpoint), ("key_metric", self._key_metric_checkpoint),

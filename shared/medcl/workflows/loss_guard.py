@@ -21,6 +21,8 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from medcl.errors import MedclError
+
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 _MODES = ("stop", "skip")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MedclError, RuntimeError):
     """A loss term became NaN or infinite."""
 
 
@@ -101,7 +103,8 @@ class NonFiniteLossGuard:
             why = "" if self.mode == "stop" else f" after {self.max_skips} skipped steps in a row"
             raise NonFiniteLossError(
                 f"non-finite loss at {where}: {what} (other terms: {good}){why}. Training stopped; the weights are "
-                f"those of the last finite step and earlier checkpoints are kept. To go on: {hint}."
+                f"those of the last finite step and earlier checkpoints are kept. To go on: {hint}; then add "
+                "--resume true to continue from the last finished epoch, or --nonfinite_loss skip to drop such steps."
             )
         logger.warning("non-finite loss at %s: %s (other terms: %s); step skipped (%d in a row).", where, what, good,
                        self.skipped)

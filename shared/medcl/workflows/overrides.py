@@ -34,6 +34,13 @@ def _config_files(argv: Sequence[str]) -> list[str]:
     return []
 
 
+def _new_argument(parser: ConfigParser, key: str) -> bool:
+    """``parent#name`` where ``parent`` is a component (``_target_``): a new keyword argument of it, which its
+    constructor checks when the component is built (a misspelt one fails there)."""
+    parent = key.rsplit("#", 1)[0] if "#" in key else None
+    return parent is not None and parent in parser and isinstance(parser[parent], dict) and "_target_" in parser[parent]
+
+
 def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
     """Check that every ``--key value`` of a ``python -m monai.bundle run`` command names a key of its configs.
 
@@ -55,7 +62,7 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
     parser.read_config(files)
     allowed = RUN_ARGS | (TRACKING_KEYS if "--tracking" in argv or any(a.startswith("--tracking=") for a in argv) else set())
     for key in _cli_keys(argv):
-        if key in allowed or key in parser:
+        if key in allowed or key in parser or _new_argument(parser, key):
             continue
         top_level = [k for k in parser.get() if isinstance(k, str)]
         hint = difflib.get_close_matches(key.split("#")[0], top_level, n=3)
