@@ -65,6 +65,8 @@ def test_train_accepts_common_overrides(bundle):
     missing = [k for k in COMMON_KEYS if k not in parser]
     assert not missing, f"{bundle.name}/configs/train.json lacks top-level keys {missing}"
     assert isinstance(parser["train"]["handlers"], list), "MONAI Label overrides train#handlers: keep it a literal list"
+    # MONAI Label calls .get("_target_") on each entry: no "@reference" strings in the list
+    assert all(isinstance(h, dict) for h in parser["train"]["handlers"]), "train#handlers entries must be dicts"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.parent.name}/{p.name}")

@@ -107,7 +107,7 @@ def test_self_training_killed_inside_a_round_resumes_that_round(phantom_dir, tmp
         if epoch != 2:
             pytest.skip(f"the run reached epoch {epoch} before the kill landed (a slow poll); the round-1 resume path "
                         "was not exercised")
-        assert state["objects"]["self_training"]["round"] == 1
+        assert state["objects"]["trainer.self_training"]["round"] == 1
 
     straight, killed, _, proc = _straight_killed_resumed(configs, common, tmp_path, kill_after=2, max_epochs=5,
                                                          before_resume=inside_round_1)

@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from medcl.errors import MedclInputError
+from medcl.workflows.resume import register_run_state
 
 __all__ = ["AtomicCheckpointSaver", "SafeCheckpointLoader", "expected_sha256", "file_sha256", "require_checkpoint", "verify_sha256"]
 
@@ -217,6 +218,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
+        register_run_state(engine, "checkpoint_saver", self)  # its saved-file lists travel with a resumed run
         if self._final_checkpoint is not None:
             engine.add_event_handler(Events.STARTED, lambda _: setattr(self, "_trained", False))
             engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: setattr(self, "_trained", True))

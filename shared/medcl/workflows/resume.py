@@ -34,7 +34,7 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["RunStateHandler", "RUN_STATE_FILE", "run_state_path"]
+__all__ = ["RunStateHandler", "RUN_STATE_FILE", "register_run_state", "run_state_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,24 @@ _FORMAT = 1
 def run_state_path(save_dir: str, rank: int = 0) -> str:
     """``<save_dir>/run_state.pt`` (rank 0, single process) or ``run_state_rank<k>.pt`` (other torchrun ranks)."""
     return os.path.join(save_dir, RUN_STATE_FILE if rank == 0 else f"run_state_rank{rank}.pt")
+
+
+_REGISTRY = "medcl_run_state"
+
+
+def register_run_state(engine: Engine, name: str, obj: Any) -> None:
+    """Have ``engine``'s :class:`RunStateHandler` save and restore ``obj`` (``state_dict``/``load_state_dict``).
+
+    Handlers with state of their own call this from ``attach`` (:class:`medcl.workflows.AtomicCheckpointSaver`,
+    :class:`medcl.workflows.SelfTrainingHandler`), so a config lists them once, as plain handler dicts (what MONAI
+    Label expects of ``train#handlers``). Names are made unique per engine in attach order (``name``, ``name1``, ...).
+    """
+    registry = engine.__dict__.setdefault(_REGISTRY, {})
+    key, i = name, 0
+    while key in registry:
+        i += 1
+        key = f"{name}{i}"
+    registry[key] = obj
 
 
 def _rank() -> int:
@@ -108,9 +126,10 @@ class RunStateHandler:
     handler writes ``<save_dir>/run_state.pt`` atomically (temporary file in the same folder, then rename) with:
 
     - the trainer's state (epoch, iteration, epoch length) and its AMP ``GradScaler``;
-    - ``state_dict()`` of each of ``objects``: network, optimizer, LR scheduler, the ``CheckpointSaver`` s (their
-      lists of saved files, so the best-metric ``model.pt`` is only replaced by a better one), the self-training
-      handler (round and pseudo-label items), ...; for other Ignite engines (the evaluator) the best metric so far;
+    - ``state_dict()`` of each of ``objects`` (network, optimizer, LR scheduler, ...; for other Ignite engines, e.g.
+      the evaluator, the best metric so far) and of what handlers registered on the trainer and on those engines
+      (:func:`register_run_state`): the checkpoint savers' lists of saved files (so the best-metric ``model.pt`` is
+      only replaced by a better one) and the self-training round with its pseudo-label items;
     - the random states: Python, NumPy, torch (CPU and CUDA) and every ``Randomizable`` transform of the trainer's
       data loaders (MONAI transforms draw from their own ``R``).
 
@@ -129,7 +148,7 @@ class RunStateHandler:
     Args:
         save_dir: folder of the run state (the bundle's ``ckpt_dir``).
         objects: ``{name: object with state_dict/load_state_dict}`` (or an Ignite engine, see above); None values are
-            skipped (e.g. a missing scheduler).
+            skipped (e.g. a missing scheduler). Registered handlers are added to them.
         resume: load the run state when the trainer starts, if one exists. Defaults to False (a new run overwrites
             it).
         interval: save every ``interval`` epochs. Defaults to 1.
@@ -169,9 +188,17 @@ class RunStateHandler:
                 found.extend(_randomizables(getattr(ds, "transform", None), seen))
         return found
 
+    def _objects(self, engine: Engine) -> dict[str, Any]:
+        """``objects`` plus what handlers registered on the trainer and on the engines among ``objects``."""
+        found = dict(self.objects)
+        engines = {"trainer": engine, **{k: v for k, v in self.objects.items() if isinstance(v, Engine)}}
+        for prefix, eng in engines.items():
+            found.update({f"{prefix}.{k}": v for k, v in eng.__dict__.get(_REGISTRY, {}).items()})
+        return found
+
     def state_dict(self, engine: Engine) -> dict[str, Any]:
         objects: dict[str, Any] = {}
-        for name, obj in self.objects.items():
+        for name, obj in self._objects(engine).items():
             if isinstance(obj, Engine):  # the evaluator: its best metric, for logs and key-metric comparisons
                 objects[name] = {"best_metric": obj.state.best_metric, "best_metric_epoch": obj.state.best_metric_epoch}
             else:
@@ -217,7 +244,8 @@ class RunStateHandler:
                 f"{path}: the run state cannot be read ({type(e).__name__}: {e}). Delete it to start afresh "
                 "(--resume false), or restore it from a backup."
             ) from e
-        saved, expected = set(state.get("objects", {})), set(self.objects)
+        targets = self._objects(engine)
+        saved, expected = set(state.get("objects", {})), set(targets)
         if state.get("format") != _FORMAT or saved != expected:
             raise MedclInputError(
                 f"{path}: this run state holds {sorted(saved)} but the config resumes {sorted(expected)}; it was "
@@ -228,7 +256,7 @@ class RunStateHandler:
         engine.load_state_dict(state["trainer"])
         if max_epochs is not None:
             engine.state.max_epochs = max(max_epochs, engine.state.epoch)
-        for name, obj in self.objects.items():
+        for name, obj in targets.items():
             if isinstance(obj, Engine):
                 obj.state.best_metric = state["objects"][name]["best_metric"]
                 obj.state.best_metric_epoch = state["objects"][name]["best_metric_epoch"]

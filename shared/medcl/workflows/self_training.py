@@ -50,6 +50,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from medcl.data.mixed_loader import MixedLoader
 from medcl.workflows.pseudo_labels import PseudoLabeler, _write_json_atomic, pseudo_label_dice
+from medcl.workflows.resume import register_run_state
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -149,6 +150,7 @@ class SelfTrainingHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
+        register_run_state(engine, "self_training", self)  # round and pseudo-labels travel with a resumed run
 
     def __call__(self, engine: Engine) -> None:
         r = min(round_of_epoch(engine.state.epoch, self.baseline_epochs, self.round_epochs), self.num_rounds)
