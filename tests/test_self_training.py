@@ -241,6 +241,18 @@ def test_self_training_handler_rounds_and_resume(phantom_dir, tmp_path, one_thre
     handler(engine)
     assert handler.round == 2
 
+    # resuming (RunStateHandler): a fresh handler goes back to round 2's items without labelling again ...
+    state = handler.state_dict()
+    fresh_mixed = MixedLoader({"labelled": [{"image": 0}], "unlabelled": None})
+    fresh = SelfTrainingHandler(labeler, unlabelled, dataset, fresh_mixed, 2, 1, 2, str(tmp_path / "pseudo"),
+                                str(ckpt), loader_kwargs={"batch_size": 1})
+    fresh.load_state_dict(state)
+    assert fresh.round == 2 and fresh_mixed.active == ["labelled", "unlabelled"] and fresh.items == state["items"]
+    # ... and refuses, naming the file, when a pseudo-label of that round is gone
+    os.remove(state["items"][0]["label"])
+    with pytest.raises(MedclInputError, match=r"_pseudo\.nii\.gz: pseudo-label of round 2 is missing"):
+        fresh.load_state_dict(state)
+
 
 def test_self_training_handler_needs_unlabelled(tmp_path):
     dataset = CacheDataset([], transform=None, progress=False)

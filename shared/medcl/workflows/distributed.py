@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from monai.handlers import CheckpointSaver
+
 __all__ = ["ddp_device", "init_process_group", "is_rank0", "rank_handlers"]
 
 
@@ -36,6 +38,4 @@ def is_rank0() -> bool:
 def rank_handlers(handlers: Sequence[Any]) -> list[Any]:
     """The trainer handlers of this rank: all of them on rank 0; other ranks leave out the checkpoint savers (rank 0
     writes the shared files) and keep the rest (e.g. each rank's own run state for resuming)."""
-    from monai.handlers import CheckpointSaver
-
     return [h for h in handlers if is_rank0() or not isinstance(h, CheckpointSaver)]

@@ -49,6 +49,7 @@ from monai.data import DataLoader
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from medcl.data.mixed_loader import MixedLoader
+from medcl.errors import MedclInputError
 from medcl.workflows.pseudo_labels import PseudoLabeler, _write_json_atomic, pseudo_label_dice
 from medcl.workflows.resume import register_run_state
 
@@ -193,7 +194,7 @@ class SelfTrainingHandler:
         """Go back to a saved round without labelling again: its pseudo-label files must still exist.
 
         Raises:
-            FileNotFoundError: when a pseudo-label file of the saved round is gone.
+            MedclInputError: when a pseudo-label file of the saved round is gone.
         """
         r, items = int(state["round"]), [dict(it) for it in state["items"]]
         if r == 0:
@@ -201,7 +202,7 @@ class SelfTrainingHandler:
             return
         gone = [it["label"] for it in items if "label" in it and not os.path.isfile(it["label"])]
         if gone:
-            raise FileNotFoundError(f"{gone[0]}: pseudo-label of round {r} is missing ({len(gone)} file(s)); the run "
+            raise MedclInputError(f"{gone[0]}: pseudo-label of round {r} is missing ({len(gone)} file(s)); the run "
                                     "cannot resume its round. Restore the folder, or start afresh with --resume false.")
         self._use(r, items)
 
