@@ -27,6 +27,7 @@ from medcl.benchmark.grid import METHODS, PRESETS, Method
 from medcl.benchmark.report import write_reports
 from medcl.benchmark.runs import read_dice, run_bundle
 from medcl.errors import MedclInputError
+from medcl.workflows.resume import run_state_path
 
 __all__ = ["main", "validate_grid"]
 
@@ -141,7 +142,7 @@ class _Benchmark:
         name = f"{method.name}_s{seed}_pretrain"
         over = self.overrides(method, "pretrain.json", {**method.pretrain_overrides, "bundle_root": root, "seed": seed,
                                                          "resume": True}, name)
-        resumed = (root / "models" / "run_state.pt").is_file()
+        resumed = os.path.isfile(run_state_path(str(root / "models")))
         iters = _config_value(method.bundle, "pretrain.json", "max_epochs", over) * _config_value(
             method.bundle, "pretrain.json", "epoch_length", over)
         print(f"[benchmark] {name}: pre-train ({iters} iterations)", flush=True)
@@ -160,7 +161,7 @@ class _Benchmark:
             return
         pre = self.pretrain(method, seed) if method.pretrain else {}
         extra = {**method.train, "bundle_root": root, "seed": seed, "resume": True}
-        resumed = (root / "models" / "run_state.pt").is_file()
+        resumed = os.path.isfile(run_state_path(str(root / "models")))
         if num_labelled is None:
             extra["label_fraction"] = fraction
         else:

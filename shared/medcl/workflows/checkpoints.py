@@ -17,7 +17,10 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from medcl.errors import MedclInputError
 from medcl.workflows.resume import register_run_state
 
-__all__ = ["AtomicCheckpointSaver", "SafeCheckpointLoader", "expected_sha256", "file_sha256", "require_checkpoint", "verify_sha256"]
+__all__ = [
+    "AtomicCheckpointSaver", "SafeCheckpointLoader", "compare_state_dicts", "expected_sha256", "file_sha256",
+    "require_checkpoint", "verify_sha256",
+]
 
 LARGE_FILES = ("large_files.yml", "large_files.yaml", "large_files.json")
 
@@ -89,6 +92,28 @@ def expected_sha256(bundle_root: str | os.PathLike, path: str | os.PathLike) -> 
     return None
 
 
+def compare_state_dicts(ckpt: Mapping[str, Any], net_sd: Mapping[str, Any]) -> dict[str, Any]:
+    """How a checkpoint's state dict fits a network's.
+
+    Returns:
+        ``{"fits": {key: value} (in the network, same shape), "unexpected": [checkpoint keys not in the network],
+        "missing": [network keys not in the checkpoint], "mismatched": [(key, checkpoint shape, network shape)]}``;
+        lists in checkpoint order, ``missing`` in network order.
+    """
+    fits, unexpected, mismatched = {}, [], []
+    for key, value in ckpt.items():
+        if key not in net_sd:
+            unexpected.append(key)
+            continue
+        have, want = tuple(getattr(value, "shape", ())), tuple(getattr(net_sd[key], "shape", ()))
+        if have != want:
+            mismatched.append((key, have, want))
+        else:
+            fits[key] = value
+    missing = [k for k in net_sd if k not in ckpt]
+    return {"fits": fits, "unexpected": unexpected, "missing": missing, "mismatched": mismatched}
+
+
 class SafeCheckpointLoader(CheckpointLoader):
     """
     MONAI's :class:`~monai.handlers.CheckpointLoader` for weights that came from elsewhere: before anything is
@@ -145,14 +170,12 @@ class SafeCheckpointLoader(CheckpointLoader):
                 target = target.module
             if not isinstance(target, torch.nn.Module) or not isinstance(ckpt.get(name), Mapping):
                 continue
-            have, want = ckpt[name], target.state_dict()
+            fit = compare_state_dicts(ckpt[name], target.state_dict())
             found = {
-                "keys missing from the checkpoint": [k for k in want if k not in have] if self.strict else [],
-                "keys not in the network": [k for k in have if k not in want] if self.strict else [],
-                "shape mismatches": [
-                    f"{k}: checkpoint {tuple(have[k].shape)} vs network {tuple(v.shape)}" for k, v in want.items()
-                    if k in have and hasattr(have[k], "shape") and tuple(have[k].shape) != tuple(v.shape)
-                ] if self.strict_shape else [],
+                "keys missing from the checkpoint": fit["missing"] if self.strict else [],
+                "keys not in the network": fit["unexpected"] if self.strict else [],
+                "shape mismatches": [f"{k}: checkpoint {c} vs network {n}" for k, c, n in fit["mismatched"]]
+                if self.strict_shape else [],
             }
             problems = [
                 f"{len(v)} {what} ({'; '.join(v[:3])}{' ...' if len(v) > 3 else ''})" for what, v in found.items() if v

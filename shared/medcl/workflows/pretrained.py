@@ -25,7 +25,7 @@ from torch import nn
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from medcl.errors import MedclInputError
-from medcl.workflows.checkpoints import require_checkpoint, verify_sha256
+from medcl.workflows.checkpoints import compare_state_dicts, require_checkpoint, verify_sha256
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -155,18 +155,10 @@ def load_pretrained(
     targeted = [k for k in net_sd if _under(k, prefixes)]
     unused_prefixes = [p for p in (prefixes or []) if not any(_under(k, [p]) for k in net_sd)]
 
-    loaded, skipped, mismatched, to_load = [], [], [], {}
-    for raw_key, value in ckpt.items():
-        name = _rename(raw_key, name_map)
-        if name not in net_sd or not _under(name, prefixes):
-            skipped.append(name)
-        elif tuple(value.shape) != tuple(net_sd[name].shape):
-            mismatched.append((name, tuple(value.shape), tuple(net_sd[name].shape)))
-        else:
-            to_load[name] = value
-            loaded.append(name)
-    mismatched_keys = {m[0] for m in mismatched}
-    missing = [k for k in targeted if k not in to_load and k not in mismatched_keys]
+    # checkpoint keys outside the prefixes count as not in the network: skipped
+    fit = compare_state_dicts({_rename(k, name_map): v for k, v in ckpt.items()}, {k: net_sd[k] for k in targeted})
+    to_load, skipped, missing, mismatched = fit["fits"], fit["unexpected"], fit["missing"], fit["mismatched"]
+    loaded = list(to_load)
     report = {"loaded": loaded, "skipped": skipped, "missing": missing, "mismatched": mismatched}
 
     problems = []
