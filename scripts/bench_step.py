@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import fire
 import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
-
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWS = ("view_i1", "view_i2", "view_v1", "view_v2")

@@ -5,7 +5,6 @@
 """
 
 import fire
-
 from medcl.benchmark.cli import main
 
 if __name__ == "__main__":

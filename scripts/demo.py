@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import fire
-
 from medcl.benchmark.runs import BenchmarkError, read_dice, run_bundle
 
 REPO = Path(__file__).resolve().parents[1]

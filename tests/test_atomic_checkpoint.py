@@ -16,7 +16,7 @@ import torch
 CHILD = textwrap.dedent("""
     import os, sys, time, io, torch
     from ignite.engine import Engine
-    from medcl.workflows import AtomicCheckpointSaver
+    from medcl.handlers import AtomicCheckpointSaver
     from monai.handlers import CheckpointSaver
 
     out, atomic = sys.argv[1], sys.argv[2] == "atomic"
@@ -87,7 +87,7 @@ def test_monai_saver_alone_leaves_a_truncated_file(tmp_path):
 
 def test_fixed_file_name_is_replaced_not_removed(tmp_path):
     """MONAI's key-metric file (model.pt): Ignite's remove-then-save order must not delete the file being replaced."""
-    from medcl.workflows import AtomicCheckpointSaver
+    from medcl.handlers import AtomicCheckpointSaver
 
     net = torch.nn.Linear(2, 2)
     saver = AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True, key_metric_filename="model.pt")

@@ -40,7 +40,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import BUNDLES, assert_segmentation_of, run_bundle
 from medcl.errors import MedclInputError
 
@@ -445,7 +444,7 @@ def test_pretrained_checkpoint_of_another_network(entry, base, tmp_path, caplog)
     assert not list((tmp_path / "strict").glob("models/*.pt"))
 
     # strict false: the matching tensors load, the run goes on, the log lists what was not loaded
-    with caplog.at_level(logging.INFO, logger="medcl.workflows.pretrained"):
+    with caplog.at_level(logging.INFO, logger="medcl.networks.pretrained"):
         workflow = run_entry(entry, base, tmp_path / "lenient", **pretrained, pretrained_strict=False)
     assert_trained(entry, workflow, tmp_path / "lenient")
     final = torch.load(tmp_path / "lenient" / "models" / "model_final.pt", weights_only=True)

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
 from medcl.benchmark.cli import main, validate_grid
 from medcl.benchmark.report import markdown_table

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-
-import pytest
-from monai.bundle import ConfigParser
-from monai.bundle.config_item import ComponentLocator
 from pydoc import locate
 
+import pytest
 from conftest import BUNDLES, run_bundle
+from monai.bundle import ConfigParser
+from monai.bundle.config_item import ComponentLocator
 
 BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs").is_dir())
 CONFIGS = sorted(c for b in BUNDLE_DIRS for c in (b / "configs").glob("*.json"))

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
-
 from conftest import BUNDLES, REPO, assert_segmentation_of
 from medcl.bundle.export import export_bundle
-from medcl.workflows import file_sha256
+from medcl.utils import file_sha256
+from monai.bundle import ConfigParser
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,7 @@ def test_export_bundle_contents(name, phantom_dir, tmp_path):
     with zipfile.ZipFile(zip_path) as z:
         names = set(z.namelist())
     for rel in ("configs/metadata.json", "configs/inference.json", "configs/train.json", "docs/README.md", "LICENSE",
-                "models/model.pt", "models/model.ts", "large_files.yml", "medcl/__init__.py", "medcl/workflows/checkpoints.py"):
+                "models/model.pt", "models/model.ts", "large_files.yml", "medcl/__init__.py", "medcl/handlers/checkpoint_loader.py"):
         assert f"{name}/{rel}" in names, rel
     assert not any("__pycache__" in n for n in names)
     stage = tmp_path / "dist" / name

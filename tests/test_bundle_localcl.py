@@ -7,7 +7,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import BUNDLES, assert_segmentation_of, run_bundle
 
 CONFIGS = BUNDLES / "localcl_selftrain" / "configs"

@@ -6,10 +6,9 @@ import sqlite3
 
 import pytest
 import torch
-from monai.networks.nets import BasicUNet
-
 from conftest import BUNDLES, assert_segmentation_of, run_bundle
 from medcl.networks.macl import pretrained_prefixes
+from monai.networks.nets import BasicUNet
 
 CONFIGS = BUNDLES / "macl" / "configs"
 # 4-level nets at scale 0.25 need patches divisible by 64: the 32³ phantom is padded to 64 in-plane

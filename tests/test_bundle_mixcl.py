@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.networks.nets import UNETR
-
 from conftest import BUNDLES, assert_segmentation_of, run_bundle
 from medcl.networks.mixcl import mixcl_pretrained_prefixes
+from monai.networks.nets import UNETR
 
 CONFIGS = BUNDLES / "mixcl" / "configs"
 WIDTH = {"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}

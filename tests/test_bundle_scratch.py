@@ -7,7 +7,6 @@ import sqlite3
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import BUNDLES, run_bundle
 
 CONFIGS = BUNDLES / "scratch_baseline" / "configs"

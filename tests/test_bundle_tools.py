@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
-
 from conftest import BUNDLES
 from medcl.bundle import META_SCHEMA, verify_metadata_offline
+from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
 BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs").is_dir())
 #: overrides that keep the networks CPU-sized (MixCL's UNETR at the narrow CPU width and 32³)

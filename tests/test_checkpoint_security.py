@@ -6,10 +6,11 @@ import os
 
 import pytest
 import torch
-from torch import nn
-
 from medcl.errors import MedclInputError
-from medcl.workflows import SafeCheckpointLoader, expected_sha256, file_sha256, load_pretrained
+from medcl.handlers import SafeCheckpointLoader
+from medcl.networks import load_pretrained
+from medcl.utils import expected_sha256, file_sha256
+from torch import nn
 
 
 class _Engine:

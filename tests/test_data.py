@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 
@@ -10,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from medcl.data import (
     RandPatchWithPositiond,
     as_patch_size,
@@ -193,9 +191,8 @@ def test_intensity_follows_modality():
 
 def test_bundle_follows_dataset_json_classes_and_modality(phantom_dir, tmp_path):
     """A 2-class MR dataset needs no other change: out_channels and intensity scaling follow dataset.json."""
-    from monai.bundle import ConfigParser
-
     from conftest import BUNDLES
+    from monai.bundle import ConfigParser
 
     ds, meta = _copy_dataset(phantom_dir, tmp_path / "ds")
     meta["labels"] = {"0": "background", "1": "organ"}

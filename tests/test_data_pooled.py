@@ -8,9 +8,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
-from monai.transforms import RandGaussianNoised
-
 from medcl.data import (
     PartnerDataset,
     RandPatchWithPositiond,
@@ -21,6 +18,7 @@ from medcl.data import (
 )
 from medcl.data.phantom import generate_dataset
 from medcl.errors import MedclInputError
+from monai.transforms import RandGaussianNoised
 
 SETS = (("abdomen", 5), ("pelvis", 3), ("thorax", 3))
 

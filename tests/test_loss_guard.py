@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 from ignite.engine import Events
+from medcl.engines import PretrainTrainer
+from medcl.handlers import NonFiniteLossError, NonFiniteLossGuard
 from monai.engines import SupervisedTrainer
 from torch import nn
-
-from medcl.workflows import NonFiniteLossError, NonFiniteLossGuard, PretrainTrainer
 
 
 class _NaNAt:
@@ -92,7 +92,7 @@ def test_final_checkpoint_on_a_stop_holds_the_last_finite_weights(tmp_path, nan_
     """A stop after some training saves the last finite weights as the final checkpoint; a stop before any step
     saves nothing (the bundles put the saver first among the handlers: the first EXCEPTION_RAISED handler re-raises
     and ends the others)."""
-    from medcl.workflows import AtomicCheckpointSaver
+    from medcl.handlers import AtomicCheckpointSaver
 
     trainer, net, snaps = _trainer(_NaNAt({nan_at}), 5, NonFiniteLossGuard())
     AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_final=True, final_filename="final.pt").attach(trainer)
@@ -127,7 +127,7 @@ def test_bundle_run_stops_on_an_injected_nan_with_one_message(tmp_path):
     proc = run_bundle(configs, *common, "--max_epochs", "2", "--resume", "true", "--loss#smooth_nr", "$float('nan')")
     assert proc.returncode != 0
     last = proc.stdout.strip().splitlines()[-2]
-    assert last.startswith("medcl.workflows.loss_guard.NonFiniteLossError: non-finite loss at iteration 3 (epoch 2): "
+    assert last.startswith("medcl.handlers.loss_guard.NonFiniteLossError: non-finite loss at iteration 3 (epoch 2): "
                            "loss = nan"), last
     assert "--resume true" in last and "Traceback" not in proc.stdout
     assert {p.name: p.read_bytes() for p in models.glob("*.pt")} == before

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from medcl.losses.barlow_twins_pixel import BarlowTwinsPixelLoss, pixel_cross_correlation
 from medcl.losses.label_consistency import LabelConsistencyLoss, label_relation, namespace_labels
 

@@ -8,26 +8,23 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLES
 from ignite.engine import Events
 from ignite.metrics import Average
-from torch import nn
-
+from medcl.data.views import VIEW_KEYS, RandElasticd
+from medcl.engines import MACLStep, MACLViewsModel, PretrainTrainer, prepare_dict_batch
+from medcl.errors import MedclInputError
+from medcl.losses.dense_supcon import DenseSupConLoss
+from medcl.losses.feature_consistency import FeatureConsistencyLoss
+from medcl.losses.supcon import PositionalSupConLoss
+from medcl.networks.macl import MACLPretrainModel
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.handlers import StatsHandler, from_engine
 from monai.networks.nets import BasicUNet
 from monai.transforms import Compose
-
-from conftest import BUNDLES
-from medcl.data.views import VIEW_KEYS, RandElasticd
-from medcl.errors import MedclInputError
-from medcl.losses.dense_supcon import DenseSupConLoss
-from medcl.losses.feature_consistency import FeatureConsistencyLoss
-from medcl.losses.supcon import PositionalSupConLoss
-from medcl.networks.macl import MACLPretrainModel
-from medcl.workflows.macl_step import MACLStep, MACLViewsModel
-from medcl.workflows.pretrain_trainer import PretrainTrainer, prepare_dict_batch
+from torch import nn
 
 PRETRAIN = BUNDLES / "macl" / "configs" / "pretrain.json"
 FEATURES = (4, 4, 8, 8, 16, 4)

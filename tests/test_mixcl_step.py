@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from monai.networks.nets import UNETR
-
+from medcl.engines import MixCLStep
+from medcl.engines.mixcl_step import MIXCL_VIEW_KEYS
 from medcl.errors import MedclInputError
 from medcl.losses.barlow_twins_pixel import BarlowTwinsPixelLoss
 from medcl.losses.label_consistency import LabelConsistencyLoss
 from medcl.networks.mixcl import MixCLPretrainModel
 from medcl.samplers.boundary_weighted import BoundaryWeightedPixelSampler, gather_pixel_features
-from medcl.workflows.mixcl_step import MIXCL_VIEW_KEYS, MixCLStep
+from monai.networks.nets import UNETR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus, DynUNet, UNet
-
 from medcl.errors import MedclInputError
 from medcl.losses.dense_supcon import DenseSupConLoss
 from medcl.losses.feature_consistency import FeatureConsistencyLoss
@@ -15,6 +11,8 @@ from medcl.losses.supcon import PositionalSupConLoss
 from medcl.networks.feature_taps import FeatureTaps
 from medcl.networks.macl import BACKBONE_TAPS, BackboneTaps, MACLPretrainModel, pretrained_prefixes, resolve_taps
 from medcl.networks.projectors import ImageProjector, PixelProjector
+from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus, DynUNet, UNet
+from torch import nn
 
 KINDS = ("basicunet", "unet", "attentionunet", "basicunetplusplus", "dynunet")
 SIZE = 64  # 4-level nets at scale 0.25: the dominant bottleneck is 64 / 4 / 16 = 1 voxel wide

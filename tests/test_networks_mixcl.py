@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from monai.networks.nets import UNETR
-
 from medcl.errors import MedclInputError
 from medcl.networks.feature_taps import FeatureTaps
 from medcl.networks.mixcl import MIXCL_LAYERS, MixCLPretrainModel, as_feature_map, mixcl_pretrained_prefixes
 from medcl.networks.projectors import PointwiseProjector
+from monai.networks.nets import UNETR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,8 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
-
 from medcl.data.phantom import ORGAN_SETS, generate_case, generate_dataset, main, organ_labels
+from scipy import ndimage
 
 SMALL = (32, 32, 24)
 DEMO = (64, 64, 48)

@@ -6,16 +6,15 @@ import logging
 
 import pytest
 import torch
-from torch import nn
-
-from monai.networks.nets import BasicUNet, UNet
-
 from medcl.errors import MedclInputError
+from medcl.handlers import PretrainedLoader
 from medcl.losses.dense_supcon import DenseSupConLoss
 from medcl.losses.feature_consistency import FeatureConsistencyLoss
 from medcl.losses.supcon import PositionalSupConLoss
+from medcl.networks import load_pretrained
 from medcl.networks.macl import MACLPretrainModel, pretrained_prefixes
-from medcl.workflows.pretrained import PretrainedLoader, load_pretrained
+from monai.networks.nets import BasicUNet, UNet
+from torch import nn
 
 FEATURES = (4, 4, 8, 8, 16, 4)
 
@@ -116,7 +115,7 @@ def test_other_architecture_strict_and_partial(pretrained, tmp_path, caplog):
     msg = str(err.value)
     assert str(path) in msg and "shape mismatches" in msg and "down_3" in msg
     before = {k: v.clone() for k, v in wide.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="medcl.workflows.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="medcl.networks.pretrained"):
         report = load_pretrained(wide, path, prefixes=prefixes, strict=False)
     assert "partial load" in caplog.text
     deep = ("down_3", "down_4", "upcat_4", "upcat_3")

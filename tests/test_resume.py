@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BUNDLES, REPO, run_bundle
 
 pytestmark = pytest.mark.slow

@@ -6,12 +6,11 @@ import logging
 
 import pytest
 import torch
+from medcl.errors import MedclInputError
+from medcl.handlers import AtomicCheckpointSaver, RunStateHandler
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.transforms import Compose, RandGaussianNoised
-
-from medcl.errors import MedclInputError
-from medcl.workflows import AtomicCheckpointSaver, RunStateHandler
 
 
 def _trainer(save_dir, resume: bool, max_epochs: int, objects=("network", "optimizer")):
@@ -37,7 +36,7 @@ def test_resume_continues_and_extends_a_finished_run(tmp_path, caplog):
     first.run()
     assert torch.load(tmp_path / "b" / "run_state.pt", weights_only=True)["epoch"] == 2
     resumed, net_b = _trainer(tmp_path / "b", resume=True, max_epochs=4)  # a longer max_epochs extends the run
-    with caplog.at_level(logging.INFO, logger="medcl.workflows.resume"):
+    with caplog.at_level(logging.INFO, logger="medcl.handlers.run_state"):
         resumed.run()
     assert "epoch 2, iteration 4 of 4 epochs" in caplog.text
     assert resumed.state.epoch == 4 and resumed.state.iteration == 8
@@ -47,7 +46,7 @@ def test_resume_continues_and_extends_a_finished_run(tmp_path, caplog):
 
 def test_resume_without_a_state_starts_afresh(tmp_path, caplog):
     trainer, _ = _trainer(tmp_path, resume=True, max_epochs=1)
-    with caplog.at_level(logging.INFO, logger="medcl.workflows.resume"):
+    with caplog.at_level(logging.INFO, logger="medcl.handlers.run_state"):
         trainer.run()
     assert "no run state" in caplog.text and trainer.state.epoch == 1
 

@@ -8,8 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats
-
 from medcl.samplers.boundary_weighted import (
     BoundaryWeightedPixelSampler,
     boundary_distance_weights,
@@ -17,6 +15,7 @@ from medcl.samplers.boundary_weighted import (
     labels_to_resolution,
     sample_class_pixels,
 )
+from scipy import stats
 
 MU, EPS = 8.0, 0.05
 

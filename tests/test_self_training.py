@@ -9,17 +9,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from medcl.data import MixedLoader
+from medcl.engines import LocalCLStep
+from medcl.errors import MedclInputError
+from medcl.handlers import SelfTrainingHandler, round_of_epoch, total_epochs
+from medcl.inferers import PseudoLabeler, volume_inferer
+from medcl.losses import LocalContrastiveLoss
+from medcl.networks import SegContrastNet
 from monai.data import CacheDataset, load_decathlon_datalist
 from monai.losses import DiceLoss
 from monai.networks.nets import BasicUNet
 from monai.transforms import Compose, LoadImaged
-
-from medcl.data import MixedLoader
-from medcl.errors import MedclInputError
-from medcl.losses import LocalContrastiveLoss
-from medcl.networks import SegContrastNet
-from medcl.workflows import LocalCLStep, PseudoLabeler, SelfTrainingHandler, round_of_epoch, total_epochs
-from medcl.workflows.inferers import volume_inferer
 
 NUM_CLASSES = 5
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.inferers import SliceInferer, SlidingWindowInferer
-
 from conftest import BUNDLES
+from medcl.bundle import check_cli_overrides
 from medcl.errors import MedclInputError
-from medcl.workflows import check_cli_overrides, require_checkpoint, volume_inferer
+from medcl.inferers import volume_inferer
+from medcl.utils import require_checkpoint
+from monai.inferers import SliceInferer, SlidingWindowInferer
 
 TRAIN = str(BUNDLES / "scratch_baseline" / "configs" / "train.json")
 EVALUATE = str(BUNDLES / "scratch_baseline" / "configs" / "evaluate.json")

@@ -49,6 +49,6 @@ def install_excepthook() -> None:
 
     A run that stops on bad input or a diverged loss then prints one message naming the file, key or iteration and
     the fix (set ``MEDCL_TRACEBACK=1`` to see the traceback); any other error keeps Python's usual traceback. Called by
-    :func:`medcl.workflows.check_cli_overrides`, i.e. by every bundle config's ``initialize``.
+    :func:`medcl.bundle.check_cli_overrides`, i.e. by every bundle config's ``initialize``.
     """
     sys.excepthook = _excepthook

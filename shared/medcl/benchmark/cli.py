@@ -27,7 +27,7 @@ from medcl.benchmark.grid import METHODS, PRESETS, Method
 from medcl.benchmark.report import write_reports
 from medcl.benchmark.runs import read_dice, run_bundle
 from medcl.errors import MedclInputError
-from medcl.workflows.resume import run_state_path
+from medcl.handlers.run_state import run_state_path
 
 __all__ = ["main", "validate_grid"]
 

@@ -23,7 +23,9 @@ import os
 
 from monai.bundle import verify_metadata
 
-__all__ = ["META_SCHEMA", "verify_metadata_offline"]
+from medcl.bundle.overrides import check_cli_overrides
+
+__all__ = ["META_SCHEMA", "check_cli_overrides", "verify_metadata_offline"]
 
 #: JSON schema of medcl's ``configs/metadata.json`` (the MONAI bundle specification's fields), shipped with medcl.
 META_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meta_schema.json")

@@ -24,7 +24,7 @@ so inference needs only ``--input_dir``. Run it from inside the extracted folder
     python -m monai.bundle run --config_file configs/inference.json --input_dir /path/to/niftis --output_dir out
 
 Loading ``models/model.pt`` checks its sha256 against ``large_files.yml`` first
-(:class:`medcl.workflows.SafeCheckpointLoader`).
+(:class:`medcl.handlers.SafeCheckpointLoader`).
 """
 
 from __future__ import annotations
@@ -39,13 +39,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
 from monai.bundle import ConfigParser, ckpt_export
 
 from medcl.bundle import verify_metadata_offline
 from medcl.data import as_patch_size, read_dataset_info
 from medcl.errors import MedclInputError
-from medcl.workflows.checkpoints import file_sha256, require_checkpoint
+from medcl.utils.checkpoints import file_sha256, require_checkpoint
 
 __all__ = ["export_bundle"]
 

@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset as _TorchDataset
-
 from monai.transforms import Randomizable, apply_transform
+from torch.utils.data import Dataset as _TorchDataset
 
 from medcl.errors import MedclInputError
 

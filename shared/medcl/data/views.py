@@ -37,7 +37,6 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-
 from monai.config import KeysCollection
 from monai.networks.layers import GaussianFilter
 from monai.transforms import MapTransform, RandomizableTransform, Resample

@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.nn.modules.loss import _Loss
-
 from monai.utils import LossReduction
+from torch.nn.modules.loss import _Loss
 
 __all__ = ["BarlowTwinsPixelLoss", "pixel_cross_correlation"]
 

@@ -15,10 +15,9 @@ import math
 from collections.abc import Sequence
 
 import torch
+from monai.utils import LossReduction, look_up_option
 from torch.nn import functional as F
 from torch.nn.modules.loss import _Loss
-
-from monai.utils import LossReduction, look_up_option
 
 __all__ = ["FeatureConsistencyLoss"]
 

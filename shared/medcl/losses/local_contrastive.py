@@ -16,9 +16,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.loss import _Loss
-
 from monai.utils import LossReduction, convert_to_tensor
+from torch.nn.modules.loss import _Loss
 
 from medcl.samplers.boundary_weighted import labels_to_resolution, sample_class_pixels
 
@@ -176,7 +175,7 @@ class LocalContrastiveLoss(_Loss):
                 (``(P,)`` pair losses, 0 for pairs without valid anchors).
             eps: lower bound of a vector norm in the cosine. Defaults to 1e-12.
             ignore_index: label of voxels to leave out (e.g. pseudo-labels removed by
-                :func:`medcl.workflows.confidence_filter`, 255): they are treated as ``background``, i.e. give
+                :func:`medcl.inferers.confidence_filter`, 255): they are treated as ``background``, i.e. give
                 no anchors, no class means and no denominator terms. None (default): every label value counts.
 
         Raises:

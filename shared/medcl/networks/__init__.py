@@ -5,3 +5,4 @@ from medcl.networks.feature_taps import FeatureTaps
 from medcl.networks.macl import BACKBONE_TAPS, MACLPretrainModel, pretrained_prefixes
 from medcl.networks.projectors import ImageProjector, PixelProjector
 from medcl.networks.seg_contrast import SegContrastNet
+from medcl.networks.pretrained import load_pretrained

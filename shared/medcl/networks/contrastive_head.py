@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
 from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_norm_layer
 

@@ -47,10 +47,9 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus, DynUNet, UNet
+from torch import nn
 
 from medcl.errors import MedclInputError
 from medcl.networks.feature_taps import FeatureTaps, check_module_names
@@ -209,7 +208,7 @@ def pretrained_prefixes(
     """
     ``state_dict`` key prefixes (module names) of the parts of ``backbone`` that MACL pre-trains: the encoder
     up to the bottleneck and the first two decoder blocks. This is what fine-tuning initialises from the
-    pre-trained checkpoint (see :func:`medcl.workflows.pretrained.load_pretrained`); everything else (later
+    pre-trained checkpoint (see :func:`medcl.networks.pretrained.load_pretrained`); everything else (later
     decoder blocks, output layer, BasicUNet++ nested nodes not feeding the taps) stays random.
 
     Derived from the module tree, not from a per-class list (:func:`medcl.networks.probes.tapped_prefixes` on

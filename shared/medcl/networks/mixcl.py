@@ -150,7 +150,7 @@ def mixcl_pretrained_prefixes(
     ``state_dict`` prefixes of the encoder MixCL pre-trains: every module feeding the tapped ``layers`` or the
     ``encoder`` modules, taken whole (for UNETR and the defaults: ``vit``, ``encoder1`` ... ``encoder4``; the
     whole ViT because its last blocks feed the reconstruction through ``decoder5``, not a tapped layer).
-    Fine-tuning loads these from the pre-training checkpoint (:func:`medcl.workflows.pretrained.load_pretrained`);
+    Fine-tuning loads these from the pre-training checkpoint (:func:`medcl.networks.pretrained.load_pretrained`);
     the decoder (the reconstructor's ``decoder5`` ... ``decoder2``) and the output layer start from random
     weights, as in the paper.
 

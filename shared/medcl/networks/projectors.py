@@ -13,9 +13,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from monai.networks.blocks import Convolution
+from torch import nn
 
 __all__ = ["ImageProjector", "PixelProjector", "PointwiseProjector"]
 

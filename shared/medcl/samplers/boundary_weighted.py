@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from monai.transforms.utils import distance_transform_edt
 from monai.utils import convert_to_tensor
 

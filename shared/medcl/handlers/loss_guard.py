@@ -17,12 +17,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from monai.engines.utils import IterationEvents
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from medcl.errors import MedclError
-
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -52,7 +50,7 @@ class NonFiniteLossGuard:
     """
     Check the loss terms of every iteration right after they are computed (``IterationEvents.LOSS_COMPLETED``,
     before backward and the optimizer step) of a MONAI ``SupervisedTrainer`` or
-    :class:`medcl.workflows.PretrainTrainer`.
+    :class:`medcl.engines.PretrainTrainer`.
 
     - ``mode="stop"`` (default): raise :class:`NonFiniteLossError` naming the iteration, epoch and each non-finite
       term (``loss_id``, ``loss_label``, ``loss_recon``, ``loss_local``, ...; the total is ``loss``), with the others'

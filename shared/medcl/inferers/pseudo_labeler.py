@@ -14,7 +14,7 @@ One self-training round predicts every unlabelled volume with the current segmen
 predictions into label maps (the *pseudo-labels*) and trains on them (e.g. with
 :class:`medcl.losses.local_contrastive.LocalContrastiveLoss`). This module provides the prediction half:
 
-- :class:`PseudoLabeler` runs a network on whole volumes (any inferer, e.g. :func:`medcl.workflows.volume_inferer`),
+- :class:`PseudoLabeler` runs a network on whole volumes (any inferer, e.g. :func:`medcl.inferers.volume_inferer`),
   optionally refines the softmax with a CRF (:func:`crf_refine`) and drops low-confidence voxels
   (:func:`confidence_filter`), maps the label map back to each input's original grid (MONAI ``Invertd`` with
   the preprocessing) and writes ``<output_dir>/<name>_pseudo.nii.gz`` (uint8, input shape and affine). A
@@ -32,48 +32,32 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
+from monai.utils import convert_to_tensor
 from torch import nn
 
-from monai.data import MetaTensor
-from monai.networks.blocks import CRF
-from monai.networks.layers import GaussianFilter
-from monai.transforms import Invertd
-from monai.utils import convert_to_tensor, optional_import
-
 from medcl.errors import MedclInputError
-from medcl.workflows.checkpoints import file_sha256, require_checkpoint
-from medcl.workflows.pretrained import load_pretrained
+from medcl.inferers.crf import _CRF_BACKENDS, crf_refine
+from medcl.networks.pretrained import load_pretrained
+from medcl.utils.checkpoints import file_sha256, require_checkpoint
 
-_, HAS_MONAI_CPP = optional_import("monai._C")
-
-__all__ = [
-    "DEFAULT_IGNORE_INDEX",
-    "MANIFEST_NAME",
-    "PseudoLabeler",
-    "confidence_filter",
-    "crf_refine",
-    "pseudo_label_dice",
-]
+__all__ = ["DEFAULT_IGNORE_INDEX", "MANIFEST_NAME", "PseudoLabeler", "confidence_filter"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IGNORE_INDEX = 255
 MANIFEST_NAME = "manifest.json"
 _MANIFEST_VERSION = 1
-_CRF_BACKENDS = ("auto", "monai", "torch")
-_MAX_LEVELS = 64  # intensity levels of the PyTorch bilateral approximation
 
 
-# ----------------------------------------------------------------------------------------------------
 # confidence filter
 # ----------------------------------------------------------------------------------------------------
 
@@ -134,184 +118,6 @@ def confidence_filter(
 
 
 # ----------------------------------------------------------------------------------------------------
-# CRF
-# ----------------------------------------------------------------------------------------------------
-
-
-def _gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian of ``(B, C, *spatial)`` with zero padding (truncated at 3 sigma)."""
-    if sigma <= 0:
-        return x
-    return GaussianFilter(x.ndim - 2, sigma, truncated=3.0, approx="sampled").to(x.device)(x)
-
-
-def _normalized_gaussian(q: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Normalised Gaussian filter: the kernel-weighted mean of ``q`` (zero padding does not darken borders)."""
-    num = _gaussian_smooth(q, sigma)
-    den = _gaussian_smooth(torch.ones_like(q[:, :1]), sigma)
-    return num / den.clamp_min(torch.finfo(q.dtype).tiny)
-
-
-def _normalized_bilateral(q: torch.Tensor, ref: torch.Tensor, spatial_sigma: float, color_sigma: float) -> torch.Tensor:
-    """Normalised bilateral filter of ``q`` guided by a single-channel ``ref`` (piecewise-linear approximation).
-
-    Exact at ``_MAX_LEVELS`` (at most) intensity levels spaced ``color_sigma / 2`` apart and interpolated
-    linearly in between (Durand & Dorsey, 2002): for level ``l`` the weights ``exp(-(ref - l)^2 / 2 sigma_c^2)``
-    are applied to ``q``, blurred spatially and normalised; every voxel mixes the two levels enclosing its
-    intensity.
-    """
-    out = torch.zeros_like(q)
-    tiny = torch.finfo(q.dtype).tiny
-    for b in range(q.shape[0]):
-        r, qb = ref[b : b + 1], q[b : b + 1]
-        lo, hi = float(r.min()), float(r.max())
-        step = color_sigma / 2.0
-        n_levels = int(math.floor((hi - lo) / step)) + 2 if hi > lo else 1
-        if n_levels > _MAX_LEVELS:
-            step = (hi - lo) / (_MAX_LEVELS - 1)
-            n_levels = _MAX_LEVELS
-            warnings.warn(
-                f"crf_refine (torch backend): the reference spans {hi - lo:.4g} intensity units, "
-                f"{(hi - lo) / color_sigma:.0f} color sigmas; the bilateral term is approximated with levels "
-                f"{step / color_sigma:.2f} color sigmas apart. Scale the image intensities (as the preprocessing does) "
-                "or raise bilateral_color_sigma.",
-                stacklevel=3,
-            )
-        for k in range(n_levels):
-            level = lo + k * step
-            tent = (1.0 - (r - level).abs() / step).clamp_min(0.0) if n_levels > 1 else torch.ones_like(r)
-            if not bool((tent > 0).any()):
-                continue
-            w = torch.exp(-0.5 * ((r - level) / color_sigma) ** 2)
-            num = _gaussian_smooth(w * qb, spatial_sigma)
-            den = _gaussian_smooth(w, spatial_sigma)
-            filtered = torch.where(den > tiny, num / den.clamp_min(tiny), qb)
-            out[b : b + 1] += tent * filtered
-    return out
-
-
-def _crf_torch(
-    logits: torch.Tensor,
-    ref: torch.Tensor,
-    iterations: int,
-    bilateral_weight: float,
-    gaussian_weight: float,
-    bilateral_spatial_sigma: float,
-    bilateral_color_sigma: float,
-    gaussian_spatial_sigma: float,
-    update_factor: float,
-    compatibility_matrix: torch.Tensor | None,
-) -> torch.Tensor:
-    """The mean-field loop of :class:`monai.networks.blocks.CRF` with PyTorch filters instead of ``monai._C``."""
-    if ref.shape[1] != 1:
-        raise ValueError(
-            f"the PyTorch CRF backend supports a single-channel image, got {ref.shape[1]} channels; "
-            "install MONAI with its C++ extension (BUILD_MONAI=1) to use backend='monai'."
-        )
-    out = torch.softmax(logits, dim=1)
-    for _ in range(iterations):
-        bilateral = _normalized_bilateral(out, ref, bilateral_spatial_sigma, bilateral_color_sigma)
-        gaussian = _normalized_gaussian(out, gaussian_spatial_sigma)
-        combined = bilateral_weight * bilateral + gaussian_weight * gaussian
-        if compatibility_matrix is not None:
-            flat = combined.flatten(start_dim=2).permute(0, 2, 1)
-            flat = torch.matmul(flat, compatibility_matrix.to(flat))
-            combined = flat.permute(0, 2, 1).reshape(combined.shape)
-        out = torch.softmax(logits + update_factor * combined, dim=1)
-    return out
-
-
-def crf_refine(
-    logits: torch.Tensor,
-    image: torch.Tensor,
-    iterations: int = 5,
-    bilateral_weight: float = 1.0,
-    gaussian_weight: float = 1.0,
-    bilateral_spatial_sigma: float = 5.0,
-    bilateral_color_sigma: float = 0.5,
-    gaussian_spatial_sigma: float = 5.0,
-    update_factor: float = 3.0,
-    compatibility_matrix: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Refine segmentation logits with a dense CRF (mean-field, :class:`monai.networks.blocks.CRF`).
-
-    Each iteration smooths the current class probabilities with a bilateral filter (position and intensity of
-    ``image``) and a Gaussian filter (position), both normalised weighted means over the neighbourhood, and sets
-    ``softmax(logits + update_factor * (bilateral_weight * bilateral + gaussian_weight * gaussian))``, so a
-    voxel whose class disagrees with similar-looking neighbours is pulled toward theirs. Spatial sigmas are in
-    voxels of the given grid; the color sigma is in intensity units of ``image`` (use the preprocessed,
-    intensity-scaled image). The parameters and defaults are MONAI's.
-
-    Backends: ``"monai"`` is :class:`monai.networks.blocks.CRF` (permutohedral-lattice filters), which needs
-    MONAI built with its C++ extension (``monai._C``, ``BUILD_MONAI=1``); ``"torch"`` runs the same update
-    with PyTorch filters: a separable Gaussian (truncated at 3 sigma) and a piecewise-linear bilateral
-    approximation (single-channel ``image`` only; 2-3 spatial dims); ``"auto"`` (default) picks ``"monai"``
-    when the extension is available.
-
-    Args:
-        logits: ``(B, C, *spatial)`` class logits (not probabilities).
-        image: ``(B, R, *spatial)`` reference image guiding the bilateral term (``R = 1`` for the torch backend).
-        iterations: mean-field iterations. Defaults to 5.
-        bilateral_weight: weight of the bilateral term. Defaults to 1.0.
-        gaussian_weight: weight of the Gaussian term. Defaults to 1.0.
-        bilateral_spatial_sigma: spatial sigma of the bilateral term (voxels). Defaults to 5.0.
-        bilateral_color_sigma: intensity sigma of the bilateral term. Defaults to 0.5.
-        gaussian_spatial_sigma: sigma of the Gaussian term (voxels). Defaults to 5.0.
-        update_factor: weight of the messages against the logits. Defaults to 3.0.
-        compatibility_matrix: optional ``(C, C)`` class compatibility applied to the messages.
-        backend: ``"auto"``, ``"monai"`` or ``"torch"``, see above.
-
-    Returns:
-        ``(B, C, *spatial)`` refined class probabilities (sum to 1 over ``C``), float32, on ``logits``' device.
-
-    Raises:
-        ValueError: for mismatched shapes, an unknown backend, or a multi-channel image with the torch backend.
-        RuntimeError: for ``backend="monai"`` when MONAI's C++ extension is not available.
-    """
-    if backend not in _CRF_BACKENDS:
-        raise ValueError(f"backend must be one of {_CRF_BACKENDS}, got {backend!r}.")
-    x = convert_to_tensor(logits, track_meta=False).float()
-    ref = convert_to_tensor(image, track_meta=False).to(device=x.device, dtype=torch.float32)
-    if x.ndim < 3 or ref.ndim != x.ndim:
-        raise ValueError(
-            f"logits (B, C, *spatial) and image (B, R, *spatial) need the same number of dimensions (>= 3), "
-            f"got {tuple(x.shape)} and {tuple(ref.shape)}."
-        )
-    if ref.shape[0] != x.shape[0] or ref.shape[2:] != x.shape[2:]:
-        raise ValueError(f"image {tuple(ref.shape)} does not match logits {tuple(x.shape)} (batch and spatial size).")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}.")
-    if compatibility_matrix is not None:
-        compatibility_matrix = convert_to_tensor(compatibility_matrix, track_meta=False).to(x)
-        if tuple(compatibility_matrix.shape) != (x.shape[1], x.shape[1]):
-            raise ValueError(
-                f"compatibility_matrix must be ({x.shape[1]}, {x.shape[1]}), got {tuple(compatibility_matrix.shape)}."
-            )
-    if backend == "monai" and not HAS_MONAI_CPP:
-        raise RuntimeError(
-            "crf_refine(backend='monai') needs MONAI's C++ extension (monai._C), which this installation lacks: "
-            "reinstall MONAI with BUILD_MONAI=1, or use backend='torch' / 'auto'."
-        )
-    params = dict(
-        iterations=int(iterations),
-        bilateral_weight=float(bilateral_weight),
-        gaussian_weight=float(gaussian_weight),
-        bilateral_spatial_sigma=float(bilateral_spatial_sigma),
-        bilateral_color_sigma=float(bilateral_color_sigma),
-        gaussian_spatial_sigma=float(gaussian_spatial_sigma),
-        update_factor=float(update_factor),
-        compatibility_matrix=compatibility_matrix,
-    )
-    with torch.no_grad():
-        if backend == "monai" or (backend == "auto" and HAS_MONAI_CPP):
-            return CRF(**params)(x, ref)
-        if x.ndim not in (4, 5):
-            raise ValueError(f"the torch CRF backend supports 2 or 3 spatial dimensions, got shape {tuple(x.shape)}.")
-        return _crf_torch(x, ref, **params)
-
-
-# ----------------------------------------------------------------------------------------------------
 # pseudo-labeller
 # ----------------------------------------------------------------------------------------------------
 
@@ -367,7 +173,7 @@ class PseudoLabeler:
     For every ``{"image": path}`` item of a datalist: ``preprocessing({"image": path})`` (a dictionary
     ``Compose`` starting with ``LoadImaged(ensure_channel_first=True)``, as a bundle's inference
     ``preprocessing``), ``inferer(x, network)`` on the whole volume (``x`` is ``(1, C_in, *spatial)``, e.g.
-    :func:`medcl.workflows.volume_inferer`) in eval mode without gradients, softmax (or :func:`crf_refine` with
+    :func:`medcl.inferers.volume_inferer`) in eval mode without gradients, softmax (or :func:`crf_refine` with
     ``crf=True``), argmax (with :func:`confidence_filter` when ``confidence_threshold`` is set), then the
     inverse of the preprocessing's spatial transforms (``Invertd``, nearest neighbour for the label map), and
     ``<output_dir>/<name>_<postfix>.nii.gz`` is written: uint8, the input's spatial shape and affine (taken from
@@ -405,7 +211,7 @@ class PseudoLabeler:
         label_key: key of the pseudo-label path in the returned items. Defaults to ``"label"``.
         postfix: file name postfix. Defaults to ``"pseudo"``.
         load_checkpoint: when :meth:`run` is given a checkpoint, load it into ``network`` first
-            (:func:`medcl.workflows.load_pretrained`, all keys, strict) so the labels come from that checkpoint.
+            (:func:`medcl.networks.load_pretrained`, all keys, strict) so the labels come from that checkpoint.
             Defaults to True.
         checkpoint_key: entry of the checkpoint holding the state dict (ignored for a raw state dict).
             Defaults to ``"model"``.
@@ -658,106 +464,3 @@ class PseudoLabeler:
         finally:
             self.network.train(was_training)
         return [{**it, self.label_key: self.output_path(it[self.image_key])} for it in items]
-
-
-# ----------------------------------------------------------------------------------------------------
-# quality report
-# ----------------------------------------------------------------------------------------------------
-
-
-def _pair_items(pseudo_items, truth_items, image_key: str) -> list[tuple[Mapping, Mapping]]:
-    pseudo_items, truth_items = list(pseudo_items), list(truth_items)
-    if all(isinstance(it, Mapping) and image_key in it for it in pseudo_items + truth_items):
-        truth = {os.path.abspath(it[image_key]): it for it in truth_items}
-        missing = [it[image_key] for it in pseudo_items if os.path.abspath(it[image_key]) not in truth]
-        if missing:
-            raise MedclInputError(f"no true label for the images {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
-        return [(it, truth[os.path.abspath(it[image_key])]) for it in pseudo_items]
-    if len(pseudo_items) != len(truth_items):
-        raise MedclInputError(
-            f"{len(pseudo_items)} pseudo-label items vs {len(truth_items)} true-label items: pair them by "
-            f"{image_key!r} or pass lists of equal length."
-        )
-    return list(zip(pseudo_items, truth_items))
-
-
-def pseudo_label_dice(
-    pseudo_items: Sequence[Mapping[str, Any]],
-    truth_items: Sequence[Mapping[str, Any]],
-    num_classes: int,
-    include_background: bool = False,
-    ignore_index: int | None = DEFAULT_IGNORE_INDEX,
-    label_key: str = "label",
-    image_key: str = "image",
-) -> dict[str, Any]:
-    """Dice of pseudo-label files against true label files, per class and overall (pseudo-label quality).
-
-    Items are paired by ``image_key`` when all items have one, else by position. Per case and class, Dice is
-    ``2 |P ∩ T| / (|P| + |T|)`` over the voxels where neither map is ``ignore_index`` (so confidence-filtered
-    voxels are excluded); it equals ``monai.metrics.compute_dice(..., ignore_empty=False)`` on one-hot maps,
-    except that a class absent from both maps gives NaN (not 1) and is left out of the means. A class predicted
-    in a case where it is absent scores 0. Counts come from a confusion matrix, so memory stays one volume.
-
-    Args:
-        pseudo_items: ``{"image", "label"}`` items of pseudo-labels (e.g. :meth:`PseudoLabeler.run` output).
-        truth_items: ``{"image", "label"}`` items of the true labels (same grids).
-        num_classes: number of classes (background included).
-        include_background: report class 0 too. Defaults to False.
-        ignore_index: label excluded from the comparison; None: none. Defaults to 255.
-        label_key: key of the label file in both item lists. Defaults to ``"label"``.
-        image_key: key used to pair the items. Defaults to ``"image"``.
-
-    Returns:
-        ``{"per_class": {class: mean Dice over cases (NaN if the class is in no case)}, "mean": mean of the
-        per-class values (NaN if none), "per_case": [{"image", "label", "dice": {class: Dice}}],
-        "ignored_fraction": fraction of voxels excluded, "num_cases": int}``.
-
-    Raises:
-        MedclInputError: for unpaired items, missing or unreadable files, maps of different shapes, or labels
-            ``>= num_classes`` (other than ``ignore_index``).
-    """
-    num_classes = int(num_classes)
-    if num_classes < 1 + int(not include_background):
-        raise ValueError(f"num_classes={num_classes} leaves no class to report.")
-    classes = list(range(0 if include_background else 1, num_classes))
-    per_case, ignored, total = [], 0, 0
-    for p_item, t_item in _pair_items(pseudo_items, truth_items, image_key):
-        p_path, t_path = os.fspath(p_item[label_key]), os.fspath(t_item[label_key])
-        p, p_aff = _load_label_array(p_path, "pseudo-label")
-        t, t_aff = _load_label_array(t_path, "true label")
-        p, t = np.squeeze(p), np.squeeze(t)
-        if p.shape != t.shape:
-            raise MedclInputError(f"{p_path} has shape {p.shape}, {t_path} has {t.shape}: not on the same grid.")
-        if not np.allclose(p_aff, t_aff, atol=1e-3):
-            logger.warning("%s and %s have different affines; comparing voxel by voxel.", p_path, t_path)
-        p, t = np.rint(p).astype(np.int64).ravel(), np.rint(t).astype(np.int64).ravel()
-        keep = np.ones(p.shape, dtype=bool)
-        if ignore_index is not None:
-            keep = (p != ignore_index) & (t != ignore_index)
-            p, t = p[keep], t[keep]
-        for arr, path in ((p, p_path), (t, t_path)):
-            if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-                raise MedclInputError(
-                    f"{path}: labels outside [0, {num_classes}) (range {arr.min()}..{arr.max()}; "
-                    f"ignore_index {ignore_index})."
-                )
-        conf = np.bincount(p * num_classes + t, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-        inter, p_sum, t_sum = np.diag(conf), conf.sum(axis=1), conf.sum(axis=0)
-        denom = p_sum + t_sum
-        dice = {c: float(2.0 * inter[c] / denom[c]) if denom[c] > 0 else float("nan") for c in classes}
-        per_case.append({image_key: p_item.get(image_key), label_key: p_path, "dice": dice})
-        ignored += int(keep.size - keep.sum())
-        total += int(keep.size)
-
-    def nanmean(values):
-        vals = [v for v in values if not math.isnan(v)]
-        return float(sum(vals) / len(vals)) if vals else float("nan")
-
-    per_class = {c: nanmean([case["dice"][c] for case in per_case]) for c in classes}
-    return {
-        "per_class": per_class,
-        "mean": nanmean(per_class.values()),
-        "per_case": per_case,
-        "ignored_fraction": ignored / total if total else 0.0,
-        "num_cases": len(per_case),
-    }

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from monai.transforms import Randomizable, Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 
@@ -53,8 +52,8 @@ _REGISTRY = "medcl_run_state"
 def register_run_state(engine: Engine, name: str, obj: Any) -> None:
     """Have ``engine``'s :class:`RunStateHandler` save and restore ``obj`` (``state_dict``/``load_state_dict``).
 
-    Handlers with state of their own call this from ``attach`` (:class:`medcl.workflows.AtomicCheckpointSaver`,
-    :class:`medcl.workflows.SelfTrainingHandler`), so a config lists them once, as plain handler dicts (what MONAI
+    Handlers with state of their own call this from ``attach`` (:class:`medcl.handlers.AtomicCheckpointSaver`,
+    :class:`medcl.handlers.SelfTrainingHandler`), so a config lists them once, as plain handler dicts (what MONAI
     Label expects of ``train#handlers``). Names are made unique per engine in attach order (``name``, ``name1``, ...).
     """
     registry = engine.__dict__.setdefault(_REGISTRY, {})

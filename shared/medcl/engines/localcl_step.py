@@ -9,7 +9,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-The semi-supervised step of Chaitanya et al. (MedIA 2023) for :class:`medcl.workflows.PretrainTrainer`:
+The semi-supervised step of Chaitanya et al. (MedIA 2023) for :class:`medcl.engines.PretrainTrainer`:
 ``L = L_seg(labelled) + lambda * L_local(labelled + pseudo-labelled)``, each term returned for logging.
 """
 

@@ -9,7 +9,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-MixCL's pre-training step for :class:`medcl.workflows.pretrain_trainer.PretrainTrainer` (paper eq. 1):
+MixCL's pre-training step for :class:`medcl.engines.pretrain_trainer.PretrainTrainer` (paper eq. 1):
 
 .. math::
 

@@ -9,7 +9,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-MACL's pre-training step for :class:`medcl.workflows.pretrain_trainer.PretrainTrainer`: views -> two-branch model ->
+MACL's pre-training step for :class:`medcl.engines.pretrain_trainer.PretrainTrainer`: views -> two-branch model ->
 ``L = w_g L_g + w_d L_d + w_er L_ER`` (defaults 1, 0.5, 1), each term returned for logging.
 
 How the public code (``train_contrast.py``, ``network/unet2d.py``) pairs views, branches and losses, and where each

@@ -27,15 +27,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
-from torch.optim.optimizer import Optimizer
-from torch.utils.data import DataLoader
-
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
+from torch import nn
+from torch.optim.optimizer import Optimizer
+from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, EventEnum
@@ -118,7 +117,7 @@ class PretrainTrainer(SupervisedTrainer):
 
     The step is any callable ``step(network, batch) -> Mapping[str, Tensor]`` with the total under ``loss_key``;
     it calls ``network`` (possibly wrapped in ``DistributedDataParallel``: call it once per iteration, see
-    :class:`medcl.workflows.macl_step.MACLViewsModel`) and must not call ``backward`` or the optimizer.
+    :class:`medcl.engines.macl_step.MACLViewsModel`) and must not call ``backward`` or the optimizer.
 
     Args:
         device: device to run on.

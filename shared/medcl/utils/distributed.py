@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from monai.handlers import CheckpointSaver
 
 __all__ = ["ddp_device", "init_process_group", "is_rank0", "rank_handlers"]

@@ -16,14 +16,14 @@ The trainer's epochs are cut into phases: ``baseline_epochs`` on the labelled vo
 
 1. loads the best-validation checkpoint so far (``checkpoint_path``, the ``CheckpointSaver`` key-metric file) into
    the network (each round starts from the model that makes its pseudo-labels);
-2. predicts every unlabelled volume with it (:class:`medcl.workflows.PseudoLabeler`, whole volumes, optional CRF
+2. predicts every unlabelled volume with it (:class:`medcl.inferers.PseudoLabeler`, whole volumes, optional CRF
    and confidence filter) into ``<pseudo_dir>/round<r>/``, resumable through that folder's manifest;
 3. puts the pseudo-labelled items into ``dataset`` (``set_data``, e.g. a ``CacheDataset``) and a fresh data loader
    over it into ``mixed_loader`` under ``"unlabelled"``, so the step sees labelled + pseudo-labelled batches;
 4. clears the optimizer's state unless ``reset_optimizer=False`` (each round starts with fresh Adam moments, as a
    new training run from the loaded checkpoint would);
 5. when true labels of the unlabelled volumes are known (``truth_items``, e.g. the phantom), records the
-   pseudo-labels' Dice (:func:`medcl.workflows.pseudo_label_dice`) in ``<pseudo_dir>/rounds.json`` and the log
+   pseudo-labels' Dice (:func:`medcl.metrics.pseudo_label_dice`) in ``<pseudo_dir>/rounds.json`` and the log
    (every round is logged there: checkpoint used, folder, number of volumes).
 
 Everything else (validation, best checkpoint, logging, MLflow) stays with the trainer's usual MONAI handlers.
@@ -42,16 +42,16 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
+from monai.data import DataLoader
+from monai.utils import IgniteInfo, min_version, optional_import
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import Dataset
 
-from monai.data import DataLoader
-from monai.utils import IgniteInfo, min_version, optional_import
-
 from medcl.data.mixed_loader import MixedLoader
 from medcl.errors import MedclInputError
-from medcl.workflows.pseudo_labels import PseudoLabeler, _write_json_atomic, pseudo_label_dice
-from medcl.workflows.resume import register_run_state
+from medcl.handlers.run_state import register_run_state
+from medcl.inferers.pseudo_labeler import PseudoLabeler, _write_json_atomic
+from medcl.metrics.pseudo_label_dice import pseudo_label_dice
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -184,7 +184,7 @@ class SelfTrainingHandler:
         self.mixed_loader.set_loader("unlabelled", DataLoader(self.dataset, **self.loader_kwargs))
         self.round, self.items = r, [dict(it) for it in items]
 
-    # --- resuming (medcl.workflows.RunStateHandler) ----------------------------------------------------
+    # --- resuming (medcl.handlers.RunStateHandler) ----------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The current round and its pseudo-labelled items (this rank's shard)."""

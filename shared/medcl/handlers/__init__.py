@@ -1,0 +1,9 @@
+"""Ignite event handlers: checkpoints (atomic saves, safe loading), run state for resume, the non-finite loss guard,
+self-training rounds and pre-trained initialisation."""
+
+from medcl.handlers.checkpoint_loader import SafeCheckpointLoader
+from medcl.handlers.checkpoint_saver import AtomicCheckpointSaver
+from medcl.handlers.loss_guard import NonFiniteLossError, NonFiniteLossGuard
+from medcl.handlers.pretrained_loader import PretrainedLoader
+from medcl.handlers.run_state import RunStateHandler, register_run_state, run_state_path
+from medcl.handlers.self_training import SelfTrainingHandler, round_of_epoch, total_epochs

@@ -1,0 +1,3 @@
+"""Metrics computed from files on disk: the quality of pseudo-labels against true labels."""
+
+from medcl.metrics.pseudo_label_dice import pseudo_label_dice
