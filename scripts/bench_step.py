@@ -27,27 +27,40 @@ REPO = Path(__file__).resolve().parents[1]
 VIEWS = ("view_i1", "view_i2", "view_v1", "view_v2")
 MIXCL_VIEWS = ("view_1", "view_1p", "view_2")
 #: UNETR widths: the CPU benchmark's narrow one and the paper's.
-UNETR_WIDTHS = {"cpu": {"feature_size": 8, "hidden_size": 192, "mlp_dim": 384, "num_heads": 4},
-                "paper": {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12}}
+UNETR_WIDTHS = {
+    "cpu": {"feature_size": 8, "hidden_size": 192, "mlp_dim": 384, "num_heads": 4},
+    "paper": {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12},
+}
 
 
 def _timer(device: torch.device):
     if device.type == "cuda":
+
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(); fn(); end.record(); torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
             return start.elapsed_time(end) / 1000
     else:
+
         def run(fn):
-            t0 = time.process_time(); fn(); return time.process_time() - t0
+            t0 = time.process_time()
+            fn()
+            return time.process_time() - t0
+
     return run
 
 
 def _allocated_bytes(fn, device: torch.device) -> int:
     """Peak bytes allocated while ``fn`` runs (CUDA), or the sum of allocations the profiler sees (CPU, an upper bound)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-        fn(); torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -58,7 +71,8 @@ def _time_steps(steps: dict, device: torch.device, repeats: int) -> dict[str, fl
     """Median seconds of each step, two warm-ups each, timed interleaved."""
     timer = _timer(device)
     for fn in steps.values():
-        fn(); fn()
+        fn()
+        fn()
     times = {k: [] for k in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
@@ -90,10 +104,14 @@ def bench_macl(size: int, repeats: int, dev: torch.device, dataset_dir: str) -> 
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def macl():
-        opt.zero_grad(); step(net, batch)["loss"].backward(); opt.step()
+        opt.zero_grad()
+        step(net, batch)["loss"].backward()
+        opt.step()
 
     def trivial():
-        opt.zero_grad(); sum(v.sum() for v in net(*(batch[k] for k in VIEWS)).values()).backward(); opt.step()
+        opt.zero_grad()
+        sum(v.sum() for v in net(*(batch[k] for k in VIEWS)).values()).backward()
+        opt.step()
 
     seg = parser.get_parsed_content("network_def", lazy=False).to(dev)  # a fresh copy of the same backbone
     seg_opt = torch.optim.Adam(seg.parameters(), lr=5e-4)
@@ -101,7 +119,9 @@ def bench_macl(size: int, repeats: int, dev: torch.device, dataset_dir: str) -> 
     y = torch.randint(0, parser.get_parsed_content("num_classes"), (batch_size, size, size), generator=g).to(dev)
 
     def scratch():
-        seg_opt.zero_grad(); F.cross_entropy(seg(x), y).backward(); seg_opt.step()
+        seg_opt.zero_grad()
+        F.cross_entropy(seg(x), y).backward()
+        seg_opt.step()
 
     print(f"[macl] device {dev}, batch {batch_size} x 1 x {size}², repeats {repeats}")
     _report("macl", _time_steps({"macl": macl, "trivial": trivial, "scratch": scratch}, dev, repeats))
@@ -116,9 +136,11 @@ def bench_macl(size: int, repeats: int, dev: torch.device, dataset_dir: str) -> 
     def dense_only():
         step.loss_d(outs["z_l_aux"], outs["z_l_dom"], batch["position"]).backward()
 
-    print(f"losses fwd+bwd allocate {_allocated_bytes(losses_only, dev) / 2**20:.2f} MiB; "
-          f"L_d alone {_allocated_bytes(dense_only, dev) / 2**20:.2f} MiB "
-          f"(maps {tuple(outs['z_l_aux'].shape)}; {'peak' if dev.type == 'cuda' else 'sum of allocations, an upper bound of the peak'})")
+    print(
+        f"losses fwd+bwd allocate {_allocated_bytes(losses_only, dev) / 2**20:.2f} MiB; "
+        f"L_d alone {_allocated_bytes(dense_only, dev) / 2**20:.2f} MiB "
+        f"(maps {tuple(outs['z_l_aux'].shape)}; {'peak' if dev.type == 'cuda' else 'sum of allocations, an upper bound of the peak'})"
+    )
 
 
 def _blocky_labels(n: int, size: int, classes: int, g: torch.Generator, spatial_dims: int = 3) -> torch.Tensor:
@@ -127,8 +149,14 @@ def _blocky_labels(n: int, size: int, classes: int, g: torch.Generator, spatial_
     return F.interpolate(coarse, size=(size,) * spatial_dims, mode="nearest").long()
 
 
-def bench_mixcl(size: int, repeats: int, dev: torch.device, dataset_dir: str, width: str = "cpu",
-                budgets: tuple = (16, 64, 256, 1024)) -> None:
+def bench_mixcl(
+    size: int,
+    repeats: int,
+    dev: torch.device,
+    dataset_dir: str,
+    width: str = "cpu",
+    budgets: tuple = (16, 64, 256, 1024),
+) -> None:
     """MixCL: UNETR on ``size``³ patches (width ``cpu`` or ``paper``), batch 2 patches -> 6 views per step."""
     widths = UNETR_WIDTHS[width]
     parser = _parser("mixcl", "pretrain.json", dev.type, dataset_dir, patch_size=[size] * 3, **widths)
@@ -141,12 +169,15 @@ def bench_mixcl(size: int, repeats: int, dev: torch.device, dataset_dir: str, wi
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
     def mixcl():
-        opt.zero_grad(); step(net, batch)["loss"].backward(); opt.step()
+        opt.zero_grad()
+        step(net, batch)["loss"].backward()
+        opt.step()
 
     def trivial():
         opt.zero_grad()
         out = net(torch.cat([batch[k] for k in MIXCL_VIEWS]))
-        (out["recon"].sum() + sum(z.sum() for z in out["z"])).backward(); opt.step()
+        (out["recon"].sum() + sum(z.sum() for z in out["z"])).backward()
+        opt.step()
 
     train = _parser("mixcl", "train.json", dev.type, dataset_dir, patch_size=[size] * 3, **widths)
     seg = train.get_parsed_content("network_def", lazy=False).to(dev)
@@ -155,47 +186,68 @@ def bench_mixcl(size: int, repeats: int, dev: torch.device, dataset_dir: str, wi
     y = _blocky_labels(n, size, train.get_parsed_content("num_classes"), g)[:, 0].to(dev)
 
     def scratch():
-        seg_opt.zero_grad(); F.cross_entropy(seg(x), y).backward(); seg_opt.step()
+        seg_opt.zero_grad()
+        F.cross_entropy(seg(x), y).backward()
+        seg_opt.step()
 
-    print(f"[mixcl] device {dev}, UNETR width {width} {widths}, batch {n} patches x 3 views of {size}³, repeats {repeats}")
+    print(
+        f"[mixcl] device {dev}, UNETR width {width} {widths}, batch {n} patches x 3 views of {size}³, repeats {repeats}"
+    )
     _report("mixcl", _time_steps({"mixcl": mixcl, "trivial": trivial, "scratch": scratch}, dev, repeats))
 
     with torch.no_grad():
         out = net(torch.cat([batch[k] for k in MIXCL_VIEWS]))
     z = out["z"][step.label_layer].detach()
-    z1, z2 = z[:n].clone().requires_grad_(), z[2 * n:].clone().requires_grad_()
+    z1, z2 = z[:n].clone().requires_grad_(), z[2 * n :].clone().requires_grad_()
     kind = "peak" if dev.type == "cuda" else "sum of allocations, an upper bound of the peak"
     for r in budgets:
         step.sampler.num_per_class = int(r)
-        nbytes = _allocated_bytes(lambda: step.label_term(z1, batch["label"], z2, batch["label_2"], batch["dataset_id"]).backward(), dev)
-        print(f"L_label fwd+bwd with r = {r:5d} pixels per class: {nbytes / 2**20:8.2f} MiB ({kind}; map {tuple(z1.shape)})")
+        nbytes = _allocated_bytes(
+            lambda: step.label_term(z1, batch["label"], z2, batch["label_2"], batch["dataset_id"]).backward(), dev
+        )
+        print(
+            f"L_label fwd+bwd with r = {r:5d} pixels per class: {nbytes / 2**20:8.2f} MiB ({kind}; map {tuple(z1.shape)})"
+        )
 
 
-def bench_localcl(size: int, repeats: int, dev: torch.device, dataset_dir: str,
-                  budgets: tuple = (3, 10, 30, 100)) -> None:
+def bench_localcl(
+    size: int, repeats: int, dev: torch.device, dataset_dir: str, budgets: tuple = (3, 10, 30, 100)
+) -> None:
     """Local contrastive self-training (a round's step): 2D BasicUNet + head, labelled + pseudo-labelled slices."""
     parser = _parser("localcl_selftrain", "train.json", dev.type, dataset_dir, spatial_dims=2)
     net, step = parser.get_parsed_content("network"), parser.get_parsed_content("step")
     n = parser.get_parsed_content("batch_size") * parser.get_parsed_content("samples_per_volume")
     classes = parser.get_parsed_content("num_classes")
     g = torch.Generator().manual_seed(0)
-    batch = {part: {"image": torch.rand(n, 1, size, size, generator=g).to(dev),
-                    "label": _blocky_labels(n, size, classes, g, spatial_dims=2).to(dev)} for part in ("labelled", "unlabelled")}
+    batch = {
+        part: {
+            "image": torch.rand(n, 1, size, size, generator=g).to(dev),
+            "label": _blocky_labels(n, size, classes, g, spatial_dims=2).to(dev),
+        }
+        for part in ("labelled", "unlabelled")
+    }
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     x_all = torch.cat([batch["labelled"]["image"], batch["unlabelled"]["image"]])
 
     def localcl():
-        opt.zero_grad(); step(net, batch)["loss"].backward(); opt.step()
+        opt.zero_grad()
+        step(net, batch)["loss"].backward()
+        opt.step()
 
     def trivial():
-        opt.zero_grad(); logits, z = net(x_all, return_embeddings=True); (logits.sum() + z.sum()).backward(); opt.step()
+        opt.zero_grad()
+        logits, z = net(x_all, return_embeddings=True)
+        (logits.sum() + z.sum()).backward()
+        opt.step()
 
     seg = parser.get_parsed_content("backbone_def", lazy=False).to(dev)  # a fresh copy of the same backbone
     seg_opt = torch.optim.Adam(seg.parameters(), lr=1e-3)
     seg_loss = parser.get_parsed_content("seg_loss")
 
     def scratch():  # the labelled-only supervised step (what the baseline phase does, without the head)
-        seg_opt.zero_grad(); seg_loss(seg(batch["labelled"]["image"]), batch["labelled"]["label"]).backward(); seg_opt.step()
+        seg_opt.zero_grad()
+        seg_loss(seg(batch["labelled"]["image"]), batch["labelled"]["label"]).backward()
+        seg_opt.step()
 
     print(f"[localcl] device {dev}, batch {n} labelled + {n} pseudo-labelled x 1 x {size}², repeats {repeats}")
     _report("localcl", _time_steps({"localcl": localcl, "trivial": trivial, "scratch": scratch}, dev, repeats))
@@ -209,12 +261,20 @@ def bench_localcl(size: int, repeats: int, dev: torch.device, dataset_dir: str,
     for r in budgets:
         step.local_loss.num_anchors = int(r)
         nbytes = _allocated_bytes(lambda: step.local_loss(z, y, pairs).backward(), dev)
-        print(f"L_local fwd+bwd with {r:4d} anchors per class and image: {nbytes / 2**20:8.2f} MiB ({kind}; map {tuple(z.shape)})")
+        print(
+            f"L_local fwd+bwd with {r:4d} anchors per class and image: {nbytes / 2**20:8.2f} MiB ({kind}; map {tuple(z.shape)})"
+        )
 
 
-def main(method: str = "all", size: int | None = None, repeats: int = 8, width: str = "cpu",
-         device: str = "cuda" if torch.cuda.is_available() else "cpu", threads: int = 1,
-         dataset_dir: str = str(REPO / "data" / "phantom")) -> None:
+def main(
+    method: str = "all",
+    size: int | None = None,
+    repeats: int = 8,
+    width: str = "cpu",
+    device: str = "cuda" if torch.cuda.is_available() else "cpu",
+    threads: int = 1,
+    dataset_dir: str = str(REPO / "data" / "phantom"),
+) -> None:
     """Print median step times, their ratios and the losses' memory.
 
     Args:

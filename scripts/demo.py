@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import fire
+
 from medcl.benchmark.runs import BenchmarkError, read_dice, run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,16 +26,24 @@ def _bundle_run(configs: list[Path], overrides: dict, log: Path) -> float:
         raise SystemExit(f"[demo] step failed: {e}") from None
 
 
-def _train_and_evaluate(name: str, bundle: str, fraction: float, root: Path, run: dict, label_names: list[str],
-                        extra: dict | None = None) -> dict:
+def _train_and_evaluate(
+    name: str, bundle: str, fraction: float, root: Path, run: dict, label_names: list[str], extra: dict | None = None
+) -> dict:
     configs = BUNDLES / bundle / "configs"
     run = {**run, "bundle_root": root, "label_fraction": fraction, **(extra or {})}
-    print(f"[demo] {name}, {fraction:.0%} labels: train ({run['max_epochs'] * run['epoch_length']} iterations)", flush=True)
+    print(
+        f"[demo] {name}, {fraction:.0%} labels: train ({run['max_epochs'] * run['epoch_length']} iterations)",
+        flush=True,
+    )
     train_s = _bundle_run([configs / "train.json"], run, root / "train.log")
     print(f"[demo] {name}, {fraction:.0%} labels: evaluate on the validation volumes", flush=True)
     _bundle_run([configs / "train.json", configs / "evaluate.json"], run, root / "evaluate.log")
-    return {"method": name, "label_fraction": fraction, "train_s": round(train_s, 1),
-            **read_dice(root / "eval", label_names)}
+    return {
+        "method": name,
+        "label_fraction": fraction,
+        "train_s": round(train_s, 1),
+        **read_dice(root / "eval", label_names),
+    }
 
 
 def main(
@@ -82,30 +91,61 @@ def main(
     from medcl.data import read_dataset_info
 
     names = read_dataset_info(str(data)).label_names
-    common = {"dataset_dir": data, "seed": seed, "spatial_dims": spatial_dims, "patch_size": patch_size,
-              "max_epochs": max_epochs, "epoch_length": epoch_length, "val_interval": max(1, max_epochs // 5),
-              "samples_per_volume": samples_per_volume, "num_workers": num_workers}
-    rows = [_train_and_evaluate("scratch (UNet)", "scratch_baseline", f, out_dir / f"scratch_f{f:g}_s{seed}", common, names)
-            for f in fractions]
+    common = {
+        "dataset_dir": data,
+        "seed": seed,
+        "spatial_dims": spatial_dims,
+        "patch_size": patch_size,
+        "max_epochs": max_epochs,
+        "epoch_length": epoch_length,
+        "val_interval": max(1, max_epochs // 5),
+        "samples_per_volume": samples_per_volume,
+        "num_workers": num_workers,
+    }
+    rows = [
+        _train_and_evaluate("scratch (UNet)", "scratch_baseline", f, out_dir / f"scratch_f{f:g}_s{seed}", common, names)
+        for f in fractions
+    ]
     if macl:
         root = out_dir / f"macl_s{seed}"
         pretrain = {k: v for k, v in common.items() if k != "val_interval"}
-        print(f"[demo] MACL: pre-train on all training images, no labels ({max_epochs * epoch_length} iterations)", flush=True)
-        pretrain_s = _bundle_run([BUNDLES / "macl" / "configs" / "pretrain.json"], {**pretrain, "bundle_root": root},
-                                 root / "pretrain.log")
+        print(
+            f"[demo] MACL: pre-train on all training images, no labels ({max_epochs * epoch_length} iterations)",
+            flush=True,
+        )
+        pretrain_s = _bundle_run(
+            [BUNDLES / "macl" / "configs" / "pretrain.json"], {**pretrain, "bundle_root": root}, root / "pretrain.log"
+        )
         row = _train_and_evaluate("MACL (BasicUNet)", "macl", macl_fraction, root, common, names)
         rows.append({**row, "pretrain_s": round(pretrain_s, 1)})
-        rows.append(_train_and_evaluate("scratch (BasicUNet, MACL recipe)", "macl", macl_fraction,
-                                        out_dir / f"macl_random_init_s{seed}", common, names, {"init": "random"}))
+        rows.append(
+            _train_and_evaluate(
+                "scratch (BasicUNet, MACL recipe)",
+                "macl",
+                macl_fraction,
+                out_dir / f"macl_random_init_s{seed}",
+                common,
+                names,
+                {"init": "random"},
+            )
+        )
     classes = names[1:]
-    lines = ["| method | labels | " + " | ".join(classes) + " | mean Dice | train time |",
-             "|---|---|" + "---|" * len(classes) + "---|---|"]
+    lines = [
+        "| method | labels | " + " | ".join(classes) + " | mean Dice | train time |",
+        "|---|---|" + "---|" * len(classes) + "---|---|",
+    ]
     for r in rows:
         time_s = f"{r['train_s']:.0f} s" + (f" (+{r['pretrain_s']:.0f} s pre-train)" if "pretrain_s" in r else "")
-        lines.append(f"| {r['method']} | {r['label_fraction']:.0%} | " + " | ".join(f"{r[k]:.3f}" for k in classes)
-                     + f" | **{r['mean']:.3f}** | {time_s} |")
+        lines.append(
+            f"| {r['method']} | {r['label_fraction']:.0%} | "
+            + " | ".join(f"{r[k]:.3f}" for k in classes)
+            + f" | **{r['mean']:.3f}** | {time_s} |"
+        )
     wall = time.time() - t0
-    text = "\n".join(lines) + f"\n\nMean Dice over the validation volumes (original voxel grid); total wall time {wall / 60:.1f} min."
+    text = (
+        "\n".join(lines)
+        + f"\n\nMean Dice over the validation volumes (original voxel grid); total wall time {wall / 60:.1f} min."
+    )
     print("\n" + text, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text + "\n")

@@ -9,6 +9,7 @@
 import logging
 
 import fire
+
 from medcl.bundle.export import export_bundle
 
 if __name__ == "__main__":

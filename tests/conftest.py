@@ -37,10 +37,22 @@ def phantom_dir(tmp_path_factory) -> Path:
 def run_bundle(config_files, *overrides: str, cwd: Path = REPO, timeout: int = 600, torchrun: int = 0):
     """Run ``python -m monai.bundle run`` in a subprocess; return the CompletedProcess (stdout+stderr merged)."""
     configs = [str(c) for c in config_files]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m"] if torchrun else [sys.executable, "-m"]
-    cmd = launcher + ["monai.bundle", "run", "--config_file", repr(configs) if len(configs) > 1 else configs[0], *overrides]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m"]
+        if torchrun
+        else [sys.executable, "-m"]
+    )
+    cmd = launcher + [
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(configs) if len(configs) > 1 else configs[0],
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
 
 
 def assert_segmentation_of(pred_dir: Path, image_path: Path, num_classes: int) -> None:

@@ -41,6 +41,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLES, assert_segmentation_of, run_bundle
+
 from medcl.errors import MedclInputError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -73,14 +74,38 @@ TRAIN = [
     Entry("scratch_baseline", "train", {**ONE_STEP, "patch_size": 32, "batch_size": 1, "samples_per_volume": 2}),
     Entry("macl", "pretrain", {**ONE_STEP, "patch_size": 64, "batch_size": 1, "samples_per_volume": 2}),
     Entry("macl", "train", {**ONE_STEP, "patch_size": 64, "batch_size": 1, "samples_per_volume": 2, "init": "random"}),
-    Entry("mixcl", "pretrain", {**ONE_STEP, "patch_size": [32, 32, 32], **MIXCL_NET, "batch_size": 2,
-                                "samples_per_volume": 1}),
-    Entry("mixcl", "train", {**ONE_STEP, "patch_size": [32, 32, 32], **MIXCL_NET, "batch_size": 1,
-                             "samples_per_volume": 2, "init": "random"}),
+    Entry(
+        "mixcl",
+        "pretrain",
+        {**ONE_STEP, "patch_size": [32, 32, 32], **MIXCL_NET, "batch_size": 2, "samples_per_volume": 1},
+    ),
+    Entry(
+        "mixcl",
+        "train",
+        {
+            **ONE_STEP,
+            "patch_size": [32, 32, 32],
+            **MIXCL_NET,
+            "batch_size": 1,
+            "samples_per_volume": 2,
+            "init": "random",
+        },
+    ),
     # no pseudo-label round (slow); the local loss runs on the labelled pair instead (lambda_local_gt)
-    Entry("localcl_selftrain", "train", {**ONE_STEP, "patch_size": 32, "batch_size": 2, "samples_per_volume": 2,
-                                         "num_labelled": 2, "num_rounds": 0, "round_epochs": 1,
-                                         "lambda_local_gt": 0.1}),
+    Entry(
+        "localcl_selftrain",
+        "train",
+        {
+            **ONE_STEP,
+            "patch_size": 32,
+            "batch_size": 2,
+            "samples_per_volume": 2,
+            "num_labelled": 2,
+            "num_rounds": 0,
+            "round_epochs": 1,
+            "lambda_local_gt": 0.1,
+        },
+    ),
 ]
 FINETUNE = [e for e in TRAIN if e.is_finetune]
 INFERENCE = [
@@ -105,8 +130,11 @@ def make_workflow(entry: Entry, dataset_dir, root, **extra):
     if str(entry) == "mixcl/pretrain":
         overrides.setdefault("pretrain_dataset_dirs", [str(dataset_dir)])
     workflow = ConfigWorkflow(
-        config_file=str(entry.configs / f"{entry.config}.json"), meta_file=str(entry.configs / "metadata.json"),
-        logging_file=False, workflow_type=None, **overrides,
+        config_file=str(entry.configs / f"{entry.config}.json"),
+        meta_file=str(entry.configs / "metadata.json"),
+        logging_file=False,
+        workflow_type=None,
+        **overrides,
     )
     workflow.initialize()
     return workflow
@@ -232,9 +260,11 @@ def bad(base, tmp_path_factory) -> dict[str, Bad]:
     ds, meta = copy("missing_file")
     _image_path(ds, meta).unlink()
     out["missing_file"] = Bad(ds, _image_path(ds, meta))
-    for name, damage, victim in (("truncated", _truncate, _image_path),
-                                 ("garbage_data", _garbage_after_header, _image_path),
-                                 ("not_gzip", _not_gzip, _label_path)):
+    for name, damage, victim in (
+        ("truncated", _truncate, _image_path),
+        ("garbage_data", _garbage_after_header, _image_path),
+        ("not_gzip", _not_gzip, _label_path),
+    ):
         ds, meta = copy(name)
         damage(victim(ds, meta))
         out[name] = Bad(ds, victim(ds, meta))
@@ -309,11 +339,16 @@ DATA_CASES = {  # case -> (regexes on the message, given the file the message mu
     "truncated": lambda f, j: [rf"^{P(str(f))}: the NIfTI data is corrupt or truncated", "Re-export or re-download"],
     "garbage_data": lambda f, j: [rf"^{P(str(f))}: the NIfTI data is corrupt or truncated", "Re-export or re-download"],
     "not_gzip": lambda f, j: [rf"^{P(str(f))}: not a readable NIfTI file", "Re-export it or remove it"],
-    "shape_mismatch": lambda f, j: [rf"^{P(str(f))}: label shape \(32, 32, 30\) does not match image",
-                                    "Resample the label onto the image grid"],
+    "shape_mismatch": lambda f, j: [
+        rf"^{P(str(f))}: label shape \(32, 32, 30\) does not match image",
+        "Resample the label onto the image grid",
+    ],
     "affine_mismatch": lambda f, j: [rf"^{P(str(f))}: label affine differs from image", "resample the label onto"],
-    "label_values": lambda f, j: [rf"^{P(str(f))}: label values \[7\] are not in dataset.json 'labels' "
-                                  r"\[0, 1, 2, 3, 4\]", "Fix the label map or add the classes"],
+    "label_values": lambda f, j: [
+        rf"^{P(str(f))}: label values \[7\] are not in dataset.json 'labels' "
+        r"\[0, 1, 2, 3, 4\]",
+        "Fix the label map or add the classes",
+    ],
     "empty_datalist": lambda f, j: [rf"The 'training' list from {P(str(j))} is empty: add cases"],
 }
 
@@ -395,8 +430,11 @@ def test_inference_model_of_another_network(entry, base, trained_roots, tmp_path
 def test_unknown_cli_key(entry, base, trained_roots, tmp_path, monkeypatch):
     """check_cli_overrides reads sys.argv: here it is what ``python -m monai.bundle run`` would see."""
     config = str(entry.configs / f"{entry.config}.json")
-    monkeypatch.setattr(sys, "argv", ["monai/bundle/__main__.py", "run", "--config_file", config,
-                                      "--dataset_dir", str(base), "--max_epoch", "3"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["monai/bundle/__main__.py", "run", "--config_file", config, "--dataset_dir", str(base), "--max_epoch", "3"],
+    )
     root = trained_roots.get(str(entry), tmp_path)
     with pytest.raises(Exception) as excinfo:
         make_workflow(entry, base, root, max_epoch=3)
@@ -419,8 +457,17 @@ def _partly_fitting_checkpoint(entry: Entry, path: Path) -> str:
         net = BasicUNet(2, 1, NUM_CLASSES, features=(32, 32, 64, 128, 512, 32), norm="batch")
         key = "conv_0.conv_0.conv.weight"
     else:  # a narrower transformer; the first convolutional encoder block still fits
-        net = UNETR(1, 1, img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4,
-                    norm_name="instance", res_block=True)
+        net = UNETR(
+            1,
+            1,
+            img_size=(32, 32, 32),
+            feature_size=8,
+            hidden_size=48,
+            mlp_dim=96,
+            num_heads=4,
+            norm_name="instance",
+            res_block=True,
+        )
         key = "encoder1.layer.conv1.conv.weight"
     torch.save(net.state_dict(), path)
     return key
@@ -490,8 +537,9 @@ def test_terminal_shows_the_error_naming_the_file(bad, tmp_path):
     b = bad["truncated"]
     entry = TRAIN[2]  # macl/train
     args = [a for k, v in {**entry.tiny, "init": "random"}.items() for a in (f"--{k}", str(v))]
-    proc = run_bundle([entry.configs / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir",
-                      str(b.dataset_dir), *args)
+    proc = run_bundle(
+        [entry.configs / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(b.dataset_dir), *args
+    )
     assert proc.returncode != 0
     line = f"medcl.errors.MedclInputError: {b.names}: the NIfTI data is corrupt or truncated"
     assert proc.stdout.count("MedclInputError: ") == 1 and line in proc.stdout, proc.stdout[-3000:]
@@ -501,8 +549,15 @@ def test_terminal_shows_the_error_naming_the_file(bad, tmp_path):
 
 def test_terminal_unknown_key_from_the_real_command_line(base, trained_roots):
     entry = INFERENCE[2]  # mixcl/inference
-    proc = run_bundle([entry.configs / "inference.json"], "--bundle_root", str(trained_roots[str(entry)]),
-                      "--dataset_dir", str(base), "--max_epoch", "3")
+    proc = run_bundle(
+        [entry.configs / "inference.json"],
+        "--bundle_root",
+        str(trained_roots[str(entry)]),
+        "--dataset_dir",
+        str(base),
+        "--max_epoch",
+        "3",
+    )
     assert proc.returncode != 0
     assert proc.stdout.count("MedclInputError: --max_epoch: no such key in ") == 1, proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout
@@ -510,6 +565,7 @@ def test_terminal_unknown_key_from_the_real_command_line(base, trained_roots):
 
 def test_full_traceback_on_request(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDCL_TRACEBACK", "1")
-    proc = run_bundle([TRAIN[0].configs / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir",
-                      str(tmp_path / "none"))
+    proc = run_bundle(
+        [TRAIN[0].configs / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(tmp_path / "none")
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stdout and "dataset.json not found" in proc.stdout

@@ -13,21 +13,37 @@ import time
 
 import pytest
 from conftest import REPO
+
 from medcl.benchmark.cli import main, validate_grid
 from medcl.benchmark.report import markdown_table
 from medcl.errors import MedclInputError
 
-TINY = {"*": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "num_workers": 0, "cache_rate": 0,
-              "batch_size": 1, "samples_per_volume": 1},
-        "scratch_baseline": {"patch_size": 32}}
+TINY = {
+    "*": {
+        "max_epochs": 1,
+        "epoch_length": 2,
+        "val_interval": 1,
+        "num_workers": 0,
+        "cache_rate": 0,
+        "batch_size": 1,
+        "samples_per_volume": 1,
+    },
+    "scratch_baseline": {"patch_size": 32},
+}
 GRID = dict(methods=["scratch", "mixcl"], fractions=[0.5, 1.0], seeds=[0], overrides=TINY, num_workers=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(phantom_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    table = main(run="tiny", out=str(out), dataset_dir=str(phantom_dir), pretrain_dataset_dirs=[str(phantom_dir)],
-                 tracking="mlflow", **GRID)
+    table = main(
+        run="tiny",
+        out=str(out),
+        dataset_dir=str(phantom_dir),
+        pretrain_dataset_dirs=[str(phantom_dir)],
+        tracking="mlflow",
+        **GRID,
+    )
     return out / "tiny", table
 
 
@@ -37,7 +53,11 @@ def test_tiny_grid_writes_csv_table_and_plot(tiny_run):
     with open(run_dir / "label_efficiency.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["method"], float(r["label_fraction"])) for r in rows) == [
-        ("mixcl", 0.5), ("mixcl", 1.0), ("scratch", 0.5), ("scratch", 1.0)]
+        ("mixcl", 0.5),
+        ("mixcl", 1.0),
+        ("scratch", 0.5),
+        ("scratch", 1.0),
+    ]
     for r in rows:
         assert 0.0 <= float(r["mean_dice"]) <= 1.0
         assert {"dice_liver", "dice_spleen", "train_s", "peak_rss_mib", "iterations"} <= set(r)
@@ -50,8 +70,13 @@ def test_tiny_grid_writes_csv_table_and_plot(tiny_run):
     assert (run_dir / "label_efficiency.md").read_text().count("\n|") >= 3
     assert (run_dir / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with sqlite3.connect(run_dir / "mlruns.db") as con:  # every run of the grid is an MLflow run of one experiment
-        runs = {name for (name,) in con.execute("select r.name from runs r join experiments e on "
-                                                "r.experiment_id = e.experiment_id where e.name = 'medcl_tiny'")}
+        runs = {
+            name
+            for (name,) in con.execute(
+                "select r.name from runs r join experiments e on "
+                "r.experiment_id = e.experiment_id where e.name = 'medcl_tiny'"
+            )
+        }
     assert runs == {"mixcl_s0_pretrain", "mixcl_f0.5_s0", "mixcl_f1_s0", "scratch_f0.5_s0", "scratch_f1_s0"}
 
 
@@ -59,19 +84,43 @@ def test_tiny_grid_writes_csv_table_and_plot(tiny_run):
 def test_rerun_skips_finished_cells(tiny_run, phantom_dir, capsys):
     run_dir, _ = tiny_run
     logs = {p: p.stat().st_mtime_ns for p in run_dir.glob("**/*.log")}
-    main(run="tiny", out=str(run_dir.parent), dataset_dir=str(phantom_dir), pretrain_dataset_dirs=[str(phantom_dir)], **GRID)
+    main(
+        run="tiny",
+        out=str(run_dir.parent),
+        dataset_dir=str(phantom_dir),
+        pretrain_dataset_dirs=[str(phantom_dir)],
+        **GRID,
+    )
     assert capsys.readouterr().out.count("done, skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("**/*.log")} == logs
 
 
 @pytest.mark.slow
 def test_killed_benchmark_resumes_without_redoing_finished_cells(phantom_dir, tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--run", "killed", "--out", str(tmp_path),
-           "--dataset_dir", str(phantom_dir), "--methods", "[scratch]", "--fractions", "[0.5,1.0]", "--seeds", "[0]",
-           "--num_workers", "0", "--overrides", json.dumps(TINY)]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "benchmark.py"),
+        "--run",
+        "killed",
+        "--out",
+        str(tmp_path),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--methods",
+        "[scratch]",
+        "--fractions",
+        "[0.5,1.0]",
+        "--seeds",
+        "[0]",
+        "--num_workers",
+        "0",
+        "--overrides",
+        json.dumps(TINY),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     first = tmp_path / "killed" / "cells" / "scratch_f0.5_s0" / "cell.json"
     deadline = time.time() + 300
     while not first.is_file() and time.time() < deadline and proc.poll() is None:
@@ -100,7 +149,9 @@ def test_killed_benchmark_resumes_without_redoing_finished_cells(phantom_dir, tm
     ],
 )
 def test_bad_grid_arguments_fail_with_one_clear_error(grid, message):
-    with pytest.raises(MedclInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        MedclInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         validate_grid(**grid)
 
 
@@ -113,15 +164,20 @@ def test_bad_arguments_fail_before_anything_runs(phantom_dir, tmp_path):
 
 
 def test_dataset_without_labels_is_refused(tmp_path):
-    (tmp_path / "dataset.json").write_text(json.dumps({
-        "labels": {"0": "background"}, "modality": {"0": "CT"}, "training": [{"image": "imagesTr/a.nii.gz"}]}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {"labels": {"0": "background"}, "modality": {"0": "CT"}, "training": [{"image": "imagesTr/a.nii.gz"}]}
+        )
+    )
     with pytest.raises(MedclInputError, match="no labelled training cases"):
         main(methods=["scratch"], out=str(tmp_path / "out"), dataset_dir=str(tmp_path))
 
 
 def test_markdown_table_bolds_the_best_and_gives_paired_deltas():
-    rows = [{"method": m, "backbone": "B", "label_fraction": 0.1, "seed": s, "mean_dice": d}
-            for m, s, d in [("a", 0, 0.5), ("a", 1, 0.7), ("a_scratch", 0, 0.4), ("a_scratch", 1, 0.5)]]
+    rows = [
+        {"method": m, "backbone": "B", "label_fraction": 0.1, "seed": s, "mean_dice": d}
+        for m, s, d in [("a", 0, 0.5), ("a", 1, 0.7), ("a_scratch", 0, 0.4), ("a_scratch", 1, 0.5)]
+    ]
     table = markdown_table(rows, {"a": "a_scratch", "a_scratch": None})
     assert "| a | B | **0.600 ± 0.141 (2)** Δ +0.150 |" in table
     assert "| a_scratch | B | 0.450 ± 0.071 (2) |" in table

@@ -13,14 +13,37 @@ from monai.bundle.config_item import ComponentLocator
 BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs").is_dir())
 CONFIGS = sorted(c for b in BUNDLE_DIRS for c in (b / "configs").glob("*.json"))
 REQUIRED_METADATA = [
-    "version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
-    "task", "description", "authors", "data_source", "data_type", "image_classes", "label_classes",
+    "version",
+    "changelog",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "required_packages_version",
+    "task",
+    "description",
+    "authors",
+    "data_source",
+    "data_type",
+    "image_classes",
+    "label_classes",
     "network_data_format",
 ]
 # overrides every bundle's train.json accepts by these exact names
 COMMON_KEYS = [
-    "bundle_root", "dataset_dir", "output_dir", "ckpt_dir", "device", "seed", "spatial_dims", "patch_size",
-    "label_fraction", "num_labelled", "max_epochs", "val_interval", "num_workers", "cache_rate",
+    "bundle_root",
+    "dataset_dir",
+    "output_dir",
+    "ckpt_dir",
+    "device",
+    "seed",
+    "spatial_dims",
+    "patch_size",
+    "label_fraction",
+    "num_labelled",
+    "max_epochs",
+    "val_interval",
+    "num_workers",
+    "cache_rate",
 ]
 
 
@@ -46,8 +69,15 @@ def _targets(node):
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
 def test_bundle_layout(bundle):
-    for rel in ["configs/metadata.json", "configs/train.json", "configs/inference.json", "configs/evaluate.json",
-                "configs/logging.conf", "docs/README.md", "LICENSE"]:
+    for rel in [
+        "configs/metadata.json",
+        "configs/train.json",
+        "configs/inference.json",
+        "configs/evaluate.json",
+        "configs/logging.conf",
+        "docs/README.md",
+        "LICENSE",
+    ]:
         assert (bundle / rel).is_file(), f"{bundle.name} lacks {rel}"
     meta = json.loads((bundle / "configs/metadata.json").read_text())
     missing = [k for k in REQUIRED_METADATA if k not in meta]
@@ -83,8 +113,15 @@ def test_train_config_instantiates(bundle, phantom_dir, tmp_path):
     """Parse the whole train config against the phantom: trainer and evaluator build without running."""
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs/train.json"))
-    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(phantom_dir), "patch_size": 32, "num_workers": 0,
-                   "cache_rate": 0.0})
+    parser.update(
+        {
+            "bundle_root": str(tmp_path),
+            "dataset_dir": str(phantom_dir),
+            "patch_size": 32,
+            "num_workers": 0,
+            "cache_rate": 0.0,
+        }
+    )
     trainer = parser.get_parsed_content("train#trainer", lazy=True)
     evaluator = parser.get_parsed_content("validate#evaluator", lazy=True)
     assert trainer.state.max_epochs == parser.get_parsed_content("max_epochs")
@@ -92,10 +129,13 @@ def test_train_config_instantiates(bundle, phantom_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle", [b for b in BUNDLE_DIRS if (b / "configs" / "pretrain.json").is_file()],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "bundle", [b for b in BUNDLE_DIRS if (b / "configs" / "pretrain.json").is_file()], ids=lambda p: p.name
+)
 def test_finetune_without_pretrained_checkpoint_names_the_pretrain_command(bundle, phantom_dir, tmp_path):
-    proc = run_bundle([bundle / "configs" / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir))
+    proc = run_bundle(
+        [bundle / "configs" / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir)
+    )
     assert proc.returncode != 0
     assert "pretrained.pt: checkpoint not found" in proc.stdout
     assert f"python -m monai.bundle run --config_file bundles/{bundle.name}/configs/pretrain.json" in proc.stdout

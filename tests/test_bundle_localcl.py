@@ -10,8 +10,22 @@ import pytest
 from conftest import BUNDLES, assert_segmentation_of, run_bundle
 
 CONFIGS = BUNDLES / "localcl_selftrain" / "configs"
-TINY = ["--patch_size", "32", "--round_epochs", "1", "--epoch_length", "2",
-        "--val_interval", "1", "--num_workers", "0", "--batch_size", "1", "--samples_per_volume", "2"]
+TINY = [
+    "--patch_size",
+    "32",
+    "--round_epochs",
+    "1",
+    "--epoch_length",
+    "2",
+    "--val_interval",
+    "1",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "1",
+    "--samples_per_volume",
+    "2",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +38,20 @@ def _assert_ok(proc):
 def trained(phantom_dir, tmp_path_factory):
     """One labelled volume (of the 6 training cases), 2 self-training rounds: (bundle_root, completed process)."""
     root = tmp_path_factory.mktemp("localcl")
-    proc = run_bundle([CONFIGS / "train.json"], "--bundle_root", str(root), "--dataset_dir", str(phantom_dir), *TINY,
-                      "--num_labelled", "1", "--num_rounds", "2", "--max_epochs", "3")
+    proc = run_bundle(
+        [CONFIGS / "train.json"],
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(phantom_dir),
+        *TINY,
+        "--num_labelled",
+        "1",
+        "--num_rounds",
+        "2",
+        "--max_epochs",
+        "3",
+    )
     _assert_ok(proc)
     return root, proc
 
@@ -58,27 +84,74 @@ def test_pipeline_runs_baseline_then_rounds(trained, phantom_dir):
 
 def test_evaluate_and_inference_after_self_training(trained, phantom_dir):
     root, _ = trained
-    proc = run_bundle([CONFIGS / "train.json", CONFIGS / "evaluate.json"], "--bundle_root", str(root),
-                      "--dataset_dir", str(phantom_dir), "--patch_size", "32", "--num_workers", "0", "--num_labelled", "1")
+    proc = run_bundle(
+        [CONFIGS / "train.json", CONFIGS / "evaluate.json"],
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--patch_size",
+        "32",
+        "--num_workers",
+        "0",
+        "--num_labelled",
+        "1",
+    )
     _assert_ok(proc)
     assert (root / "eval" / "val_mean_dice_raw.csv").is_file()
     out = root / "pred"
-    proc = run_bundle([CONFIGS / "inference.json"], "--bundle_root", str(root), "--dataset_dir", str(phantom_dir),
-                      "--patch_size", "32", "--num_workers", "0", "--output_dir", str(out))
+    proc = run_bundle(
+        [CONFIGS / "inference.json"],
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--patch_size",
+        "32",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(out),
+    )
     _assert_ok(proc)
     assert_segmentation_of(out, next((phantom_dir / "imagesTs").glob("*.nii.gz")), num_classes=5)
 
 
 def test_rounds_need_an_unlabelled_pool(phantom_dir, tmp_path):
-    proc = run_bundle([CONFIGS / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir), *TINY,
-                      "--label_fraction", "1.0", "--num_rounds", "1", "--max_epochs", "2")
+    proc = run_bundle(
+        [CONFIGS / "train.json"],
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(phantom_dir),
+        *TINY,
+        "--label_fraction",
+        "1.0",
+        "--num_rounds",
+        "1",
+        "--max_epochs",
+        "2",
+    )
     assert proc.returncode != 0
     assert "num_rounds > 0 needs unlabelled volumes" in proc.stdout
 
 
 def test_torchrun_two_cpu_processes_shard_the_pseudo_labels(phantom_dir, tmp_path):
-    proc = run_bundle([CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"], "--bundle_root", str(tmp_path),
-                      "--dataset_dir", str(phantom_dir), *TINY, "--num_labelled", "2", "--num_rounds", "1", "--max_epochs", "2", torchrun=2)
+    proc = run_bundle(
+        [CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"],
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(phantom_dir),
+        *TINY,
+        "--num_labelled",
+        "2",
+        "--num_rounds",
+        "1",
+        "--max_epochs",
+        "2",
+        torchrun=2,
+    )
     _assert_ok(proc)
     pseudo = tmp_path / "models" / "pseudo_labels"
     shards = [sorted(p.name for p in (pseudo / "round1" / f"rank{k}").glob("*_pseudo.nii.gz")) for k in (0, 1)]

@@ -7,13 +7,28 @@ import sqlite3
 import pytest
 import torch
 from conftest import BUNDLES, assert_segmentation_of, run_bundle
-from medcl.networks.macl import pretrained_prefixes
 from monai.networks.nets import BasicUNet
+
+from medcl.networks.macl import pretrained_prefixes
 
 CONFIGS = BUNDLES / "macl" / "configs"
 # 4-level nets at scale 0.25 need patches divisible by 64: the 32³ phantom is padded to 64 in-plane
-TINY = ["--patch_size", "64", "--max_epochs", "1", "--epoch_length", "2", "--num_workers", "0", "--batch_size", "1",
-        "--samples_per_volume", "2", "--cache_rate", "0"]
+TINY = [
+    "--patch_size",
+    "64",
+    "--max_epochs",
+    "1",
+    "--epoch_length",
+    "2",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "1",
+    "--samples_per_volume",
+    "2",
+    "--cache_rate",
+    "0",
+]
 FEATURES = (32, 32, 64, 128, 256, 32)  # the configs' default BasicUNet
 
 pytestmark = pytest.mark.slow
@@ -31,8 +46,20 @@ def _under(key: str, prefixes: list[str]) -> bool:
 def pretrained(phantom_dir, tmp_path_factory):
     """One 2D pre-training run (2 iterations, MLflow tracking on): (bundle_root, completed process)."""
     root = tmp_path_factory.mktemp("macl")
-    proc = run_bundle([CONFIGS / "pretrain.json"], "--bundle_root", str(root), "--dataset_dir", str(phantom_dir),
-                      *TINY, "--checkpoint_interval", "1", "--output_dir", str(root / "eval"), "--tracking", "mlflow")
+    proc = run_bundle(
+        [CONFIGS / "pretrain.json"],
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(phantom_dir),
+        *TINY,
+        "--checkpoint_interval",
+        "1",
+        "--output_dir",
+        str(root / "eval"),
+        "--tracking",
+        "mlflow",
+    )
     _assert_ok(proc)
     return root, proc
 
@@ -54,8 +81,22 @@ def test_finetune_starts_from_the_pretrained_encoder_and_two_decoder_blocks(pret
     root, _ = pretrained
     # learning rate 0: the saved fine-tuned weights are the initialisation; seed 1: the random part differs from the
     # pre-training run's (seed 0) initialisation
-    proc = run_bundle([CONFIGS / "train.json"], "--bundle_root", str(root), "--dataset_dir", str(phantom_dir), *TINY,
-                      "--val_interval", "2", "--label_fraction", "0.2", "--learning_rate", "0", "--seed", "1")
+    proc = run_bundle(
+        [CONFIGS / "train.json"],
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(phantom_dir),
+        *TINY,
+        "--val_interval",
+        "2",
+        "--label_fraction",
+        "0.2",
+        "--learning_rate",
+        "0",
+        "--seed",
+        "1",
+    )
     _assert_ok(proc)
     assert "PretrainedLoader: 102 tensors loaded" in proc.stdout
     net = BasicUNet(2, 1, 5, features=FEATURES, norm="batch")
@@ -77,25 +118,59 @@ def test_finetune_starts_from_the_pretrained_encoder_and_two_decoder_blocks(pret
 
     # whole-volume inference with the fine-tuned network: a NIfTI on the input's grid
     out = root / "pred"
-    proc = run_bundle([CONFIGS / "inference.json"], "--bundle_root", str(root), "--dataset_dir", str(phantom_dir),
-                      "--output_dir", str(out), "--num_workers", "0", "--ckpt_path", str(root / "models" / "model_final.pt"))
+    proc = run_bundle(
+        [CONFIGS / "inference.json"],
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--output_dir",
+        str(out),
+        "--num_workers",
+        "0",
+        "--ckpt_path",
+        str(root / "models" / "model_final.pt"),
+    )
     _assert_ok(proc)
     assert_segmentation_of(out, next((phantom_dir / "imagesTs").glob("*.nii.gz")), num_classes=5)
 
 
 def test_pretrain_3d_smoke_with_a_unet_override(phantom_dir, tmp_path):
     # a 3-level UNet (encoder stride 8) only needs patches divisible by 8 / 0.25 = 32: the phantom's own size
-    unet = ("{'_target_': 'UNet', 'spatial_dims': '@spatial_dims', 'in_channels': 1, 'out_channels': '@num_classes', "
-            "'channels': [4, 8, 16, 32], 'strides': [2, 2, 2], 'num_res_units': 0, 'norm': 'batch'}")
-    proc = run_bundle([CONFIGS / "pretrain.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir),
-                      *TINY, "--epoch_length", "1", "--spatial_dims", "3", "--patch_size", "32", "--network_def", unet)
+    unet = (
+        "{'_target_': 'UNet', 'spatial_dims': '@spatial_dims', 'in_channels': 1, 'out_channels': '@num_classes', "
+        "'channels': [4, 8, 16, 32], 'strides': [2, 2, 2], 'num_res_units': 0, 'norm': 'batch'}"
+    )
+    proc = run_bundle(
+        [CONFIGS / "pretrain.json"],
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(phantom_dir),
+        *TINY,
+        "--epoch_length",
+        "1",
+        "--spatial_dims",
+        "3",
+        "--patch_size",
+        "32",
+        "--network_def",
+        unet,
+    )
     _assert_ok(proc)
     assert "'_target_': 'UNet'" in proc.stdout  # the override reached the config
     assert "loss_d: " in proc.stdout and (tmp_path / "models" / "pretrained.pt").is_file()
 
 
 def test_pretrain_torchrun_two_cpu_processes(phantom_dir, tmp_path):
-    proc = run_bundle([CONFIGS / "pretrain.json", CONFIGS / "multi_gpu_pretrain.json"], "--bundle_root", str(tmp_path),
-                      "--dataset_dir", str(phantom_dir), *TINY, torchrun=2)
+    proc = run_bundle(
+        [CONFIGS / "pretrain.json", CONFIGS / "multi_gpu_pretrain.json"],
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(phantom_dir),
+        *TINY,
+        torchrun=2,
+    )
     _assert_ok(proc)
     assert (tmp_path / "models" / "pretrained.pt").is_file()

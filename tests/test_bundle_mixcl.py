@@ -6,13 +6,29 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLES, assert_segmentation_of, run_bundle
-from medcl.networks.mixcl import mixcl_pretrained_prefixes
 from monai.networks.nets import UNETR
+
+from medcl.networks.mixcl import mixcl_pretrained_prefixes
 
 CONFIGS = BUNDLES / "mixcl" / "configs"
 WIDTH = {"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
-TINY = ["--patch_size", "[32,32,32]", *[a for k, v in WIDTH.items() for a in (f"--{k}", str(v))], "--max_epochs", "1",
-        "--epoch_length", "2", "--num_workers", "0", "--batch_size", "2", "--samples_per_volume", "1", "--cache_rate", "0"]
+TINY = [
+    "--patch_size",
+    "[32,32,32]",
+    *[a for k, v in WIDTH.items() for a in (f"--{k}", str(v))],
+    "--max_epochs",
+    "1",
+    "--epoch_length",
+    "2",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "2",
+    "--samples_per_volume",
+    "1",
+    "--cache_rate",
+    "0",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +61,16 @@ def pretrained(phantom_dir, pooled_dirs, tmp_path_factory):
     """One pooled pre-training run (2 iterations): (bundle_root, completed process)."""
     root = tmp_path_factory.mktemp("mixcl")
     pooled = repr([str(phantom_dir), *pooled_dirs])  # the target dataset too: its validation cases are held out
-    proc = run_bundle([CONFIGS / "pretrain.json"], "--bundle_root", str(root), "--dataset_dir", str(phantom_dir),
-                      "--pretrain_dataset_dirs", pooled, *TINY)
+    proc = run_bundle(
+        [CONFIGS / "pretrain.json"],
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--pretrain_dataset_dirs",
+        pooled,
+        *TINY,
+    )
     _assert_ok(proc)
     return root, proc
 
@@ -66,8 +90,22 @@ def test_pretrain_logs_each_term_and_saves_the_reconstruction_unetr(pretrained):
 def test_finetune_loads_the_encoder_and_not_the_decoder(pretrained, phantom_dir):
     root, _ = pretrained
     # learning rate 0 (AdamW's decoupled decay is scaled by it too): the saved weights are the initialisation
-    proc = run_bundle([CONFIGS / "train.json"], "--bundle_root", str(root), "--dataset_dir", str(phantom_dir), *TINY,
-                      "--val_interval", "1", "--label_fraction", "0.2", "--learning_rate", "0", "--seed", "1")
+    proc = run_bundle(
+        [CONFIGS / "train.json"],
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(phantom_dir),
+        *TINY,
+        "--val_interval",
+        "1",
+        "--label_fraction",
+        "0.2",
+        "--learning_rate",
+        "0",
+        "--seed",
+        "1",
+    )
     _assert_ok(proc)
     net = _unetr(5)
     prefixes = mixcl_pretrained_prefixes(net)
@@ -85,23 +123,56 @@ def test_finetune_loads_the_encoder_and_not_the_decoder(pretrained, phantom_dir)
     assert len(changed) >= 10  # the decoder is a fresh random initialisation
 
     out = root / "pred"
-    proc = run_bundle([CONFIGS / "inference.json"], "--bundle_root", str(root), "--dataset_dir", str(phantom_dir),
-                      "--output_dir", str(out), "--num_workers", "0", "--ckpt_path", str(root / "models" / "model_final.pt"),
-                      "--patch_size", "[32,32,32]", *[a for k, v in WIDTH.items() for a in (f"--{k}", str(v))])
+    proc = run_bundle(
+        [CONFIGS / "inference.json"],
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--output_dir",
+        str(out),
+        "--num_workers",
+        "0",
+        "--ckpt_path",
+        str(root / "models" / "model_final.pt"),
+        "--patch_size",
+        "[32,32,32]",
+        *[a for k, v in WIDTH.items() for a in (f"--{k}", str(v))],
+    )
     _assert_ok(proc)
     assert_segmentation_of(out, next((phantom_dir / "imagesTs").glob("*.nii.gz")), num_classes=5)
 
 
 def test_pretrain_refuses_a_dataset_listed_twice(phantom_dir, tmp_path):
-    proc = run_bundle([CONFIGS / "pretrain.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir),
-                      "--pretrain_dataset_dirs", repr([str(phantom_dir), str(phantom_dir)]), *TINY)
+    proc = run_bundle(
+        [CONFIGS / "pretrain.json"],
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--pretrain_dataset_dirs",
+        repr([str(phantom_dir), str(phantom_dir)]),
+        *TINY,
+    )
     assert proc.returncode != 0
     assert "is listed twice" in proc.stdout
 
 
 def test_pretrain_2d_slices_and_torchrun_two_cpu_processes(phantom_dir, pooled_dirs, tmp_path):
-    proc = run_bundle([CONFIGS / "pretrain.json", CONFIGS / "multi_gpu_pretrain.json"], "--bundle_root", str(tmp_path),
-                      "--dataset_dir", str(phantom_dir), "--pretrain_dataset_dirs", repr(pooled_dirs), *TINY,
-                      "--spatial_dims", "2", "--batch_size", "1", torchrun=2)
+    proc = run_bundle(
+        [CONFIGS / "pretrain.json", CONFIGS / "multi_gpu_pretrain.json"],
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--pretrain_dataset_dirs",
+        repr(pooled_dirs),
+        *TINY,
+        "--spatial_dims",
+        "2",
+        "--batch_size",
+        "1",
+        torchrun=2,
+    )
     _assert_ok(proc)
     assert (tmp_path / "models" / "pretrained.pt").is_file()

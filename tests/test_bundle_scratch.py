@@ -10,8 +10,22 @@ import pytest
 from conftest import BUNDLES, run_bundle
 
 CONFIGS = BUNDLES / "scratch_baseline" / "configs"
-TINY = ["--patch_size", "32", "--max_epochs", "1", "--epoch_length", "2", "--val_interval", "1", "--num_workers", "0",
-        "--batch_size", "1", "--samples_per_volume", "2"]
+TINY = [
+    "--patch_size",
+    "32",
+    "--max_epochs",
+    "1",
+    "--epoch_length",
+    "2",
+    "--val_interval",
+    "1",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "1",
+    "--samples_per_volume",
+    "2",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +47,20 @@ def test_train_then_infer_writes_prediction_on_input_grid(phantom_dir, tmp_path,
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_final.pt").is_file()
 
     out = tmp_path / "pred"
-    proc = run_bundle([CONFIGS / "inference.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom_dir),
-                      "--output_dir", str(out), "--patch_size", "32", "--num_workers", "0", *dims)
+    proc = run_bundle(
+        [CONFIGS / "inference.json"],
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(phantom_dir),
+        "--output_dir",
+        str(out),
+        "--patch_size",
+        "32",
+        "--num_workers",
+        "0",
+        *dims,
+    )
     _assert_ok(proc)
     src = next((phantom_dir / "imagesTs").glob("*.nii.gz"))
     pred = nib.load(str(out / src.name.replace(".nii.gz", "_seg.nii.gz")))
@@ -57,8 +83,9 @@ def test_evaluate_writes_metrics(phantom_dir, tmp_path):
 
 def test_mlflow_tracking_logs_metrics(phantom_dir, tmp_path):
     out = tmp_path / "out"
-    proc = run_bundle([CONFIGS / "train.json"], *_overrides(phantom_dir, tmp_path, "--output_dir", str(out)),
-                      "--tracking", "mlflow")
+    proc = run_bundle(
+        [CONFIGS / "train.json"], *_overrides(phantom_dir, tmp_path, "--output_dir", str(out)), "--tracking", "mlflow"
+    )
     _assert_ok(proc)
     db = out / "mlruns.db"
     assert db.is_file(), "MLflow 3 with MONAI 1.6 writes a SQLite store at <output_dir>/mlruns.db"
@@ -68,14 +95,22 @@ def test_mlflow_tracking_logs_metrics(phantom_dir, tmp_path):
 
 
 def test_torchrun_two_cpu_processes(phantom_dir, tmp_path):
-    proc = run_bundle([CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"], *_overrides(phantom_dir, tmp_path),
-                      torchrun=2)
+    proc = run_bundle(
+        [CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"], *_overrides(phantom_dir, tmp_path), torchrun=2
+    )
     _assert_ok(proc)
     assert (tmp_path / "models" / "model_final.pt").is_file()
     # each rank keeps its own run state (random streams differ per rank) and resumes from it
     assert (tmp_path / "models" / "run_state.pt").is_file() and (tmp_path / "models" / "run_state_rank1.pt").is_file()
-    proc = run_bundle([CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"], *_overrides(phantom_dir, tmp_path),
-                      "--resume", "true", "--max_epochs", "2", torchrun=2)
+    proc = run_bundle(
+        [CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"],
+        *_overrides(phantom_dir, tmp_path),
+        "--resume",
+        "true",
+        "--max_epochs",
+        "2",
+        torchrun=2,
+    )
     _assert_ok(proc)
     assert proc.stdout.count("resumed from") == 2 and "run_state_rank1.pt: epoch 1" in proc.stdout
     assert "Epoch[2] Complete" in proc.stdout and "Epoch[1] Complete" not in proc.stdout

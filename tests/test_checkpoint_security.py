@@ -6,11 +6,12 @@ import os
 
 import pytest
 import torch
+from torch import nn
+
 from medcl.errors import MedclInputError
 from medcl.handlers import SafeCheckpointLoader
 from medcl.networks import load_pretrained
 from medcl.utils import expected_sha256, file_sha256
-from torch import nn
 
 
 class _Engine:
@@ -61,7 +62,9 @@ def test_pickle_carrying_checkpoint_is_refused_and_never_executed(tmp_path):
     marker = tmp_path / "code_ran"
     path = tmp_path / "evil.pt"
     torch.save({"model": _net().state_dict(), "extra": _Payload(str(marker))}, path)
-    with pytest.raises(MedclInputError, match="evil.pt: not a readable plain weights file .* Nothing in it was executed"):
+    with pytest.raises(
+        MedclInputError, match="evil.pt: not a readable plain weights file .* Nothing in it was executed"
+    ):
         SafeCheckpointLoader(str(path), {"model": _net()})(_Engine())
     with pytest.raises(MedclInputError, match="weights_only=True"):
         load_pretrained(_net(), path)

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
 from medcl.data import (
     RandPatchWithPositiond,
     as_patch_size,
@@ -47,7 +48,10 @@ def test_split_val_fixed_and_labelled_nested_across_fractions():
     assert all(d in large["labelled"] for d in small["labelled"])
 
 
-@pytest.mark.parametrize("fraction,num,expected", [(0.05, None, 2), (0.1, None, 3), (1.0, None, 32), (0.01, None, 1), (None, 2, 2), (0.5, 1, 1)])
+@pytest.mark.parametrize(
+    "fraction,num,expected",
+    [(0.05, None, 2), (0.1, None, 3), (1.0, None, 32), (0.01, None, 1), (None, 2, 2), (0.5, 1, 1)],
+)
 def test_num_labelled_cases(fraction, num, expected):
     assert num_labelled_cases(32, fraction, num) == expected
 

@@ -8,6 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from monai.transforms import RandGaussianNoised
+
 from medcl.data import (
     PartnerDataset,
     RandPatchWithPositiond,
@@ -18,7 +20,6 @@ from medcl.data import (
 )
 from medcl.data.phantom import generate_dataset
 from medcl.errors import MedclInputError
-from monai.transforms import RandGaussianNoised
 
 SETS = (("abdomen", 5), ("pelvis", 3), ("thorax", 3))
 
@@ -132,8 +133,10 @@ def test_partner_same_item_probability_extremes():
 
 
 def test_partner_single_item_group_is_itself():
-    ds = PartnerDataset([{"image": "a", "label": "la", "dataset_id": 0}, {"image": "b", "label": "lb", "dataset_id": 1}],
-                        same_item_prob=0.0).set_random_state(0)
+    ds = PartnerDataset(
+        [{"image": "a", "label": "la", "dataset_id": 0}, {"image": "b", "label": "lb", "dataset_id": 1}],
+        same_item_prob=0.0,
+    ).set_random_state(0)
     for _ in range(10):
         assert ds[0]["image_2"] == "a" and ds[0]["label_2"] == "la"
         assert ds[1]["image_2"] == "b"
@@ -170,8 +173,13 @@ def test_partner_rejects_items_without_group():
 
 
 def test_partner_transform_applied_and_custom_keys():
-    ds = PartnerDataset(_data(), partner_keys=["image"], suffix="_p", same_item_prob=1.0,
-                        transform=lambda d: {**d, "sum": d["image"] + d["image_p"]})
+    ds = PartnerDataset(
+        _data(),
+        partner_keys=["image"],
+        suffix="_p",
+        same_item_prob=1.0,
+        transform=lambda d: {**d, "sum": d["image"] + d["image_p"]},
+    )
     item = ds[4]
     assert item["image_p"] == 4 and item["sum"] == 8 and "label_p" not in item
 
@@ -223,15 +231,21 @@ def test_scale_intensity_uses_item_modality():
 def test_scale_intensity_falls_back_to_dataset_modality():
     x = _volume()
     ct = ScaleIntensityByModalityd(keys="image", modality="CT", modality_key="modality")
-    torch.testing.assert_close(torch.as_tensor(ct({"image": x.clone()})["image"]).float(), _ct_expected(x),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.as_tensor(ct({"image": x.clone()})["image"]).float(), _ct_expected(x), atol=1e-5, rtol=1e-5
+    )
     mr = ScaleIntensityByModalityd(keys="image", modality="MRI", modality_key="modality")
-    torch.testing.assert_close(torch.as_tensor(mr({"image": x.clone()})["image"]).float(), _mr_expected(x),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.as_tensor(mr({"image": x.clone()})["image"]).float(), _mr_expected(x), atol=1e-4, rtol=1e-4
+    )
     # without modality_key the item's modality is ignored
     plain = ScaleIntensityByModalityd(keys="image", modality="CT")
-    torch.testing.assert_close(torch.as_tensor(plain({"image": x.clone(), "modality": "MRI"})["image"]).float(),
-                               _ct_expected(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.as_tensor(plain({"image": x.clone(), "modality": "MRI"})["image"]).float(),
+        _ct_expected(x),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 from ignite.engine import Events
-from medcl.engines import PretrainTrainer
-from medcl.handlers import NonFiniteLossError, NonFiniteLossGuard
 from monai.engines import SupervisedTrainer
 from torch import nn
+
+from medcl.engines import PretrainTrainer
+from medcl.handlers import NonFiniteLossError, NonFiniteLossGuard
 
 
 class _NaNAt:
@@ -31,9 +32,15 @@ def _trainer(step, iterations: int, *handlers) -> tuple[PretrainTrainer, nn.Modu
     torch.manual_seed(0)
     net = nn.Conv2d(1, 2, 1)
     data = [{"image": torch.randn(2, 1, 4, 4)} for _ in range(iterations)]
-    trainer = PretrainTrainer(device="cpu", max_epochs=1, train_data_loader=data, network=net,
-                              optimizer=torch.optim.Adam(net.parameters(), lr=0.1), loss_function=step,
-                              train_handlers=list(handlers))
+    trainer = PretrainTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=data,
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=0.1),
+        loss_function=step,
+        train_handlers=list(handlers),
+    )
     snapshots = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: snapshots.append(copy.deepcopy(net.state_dict())))
     return trainer, net, snapshots
@@ -75,9 +82,15 @@ def test_supervised_trainer_total_loss():
         calls.append(1)
         return pred.mean() * (float("inf") if len(calls) == 2 else 1.0)
 
-    trainer = SupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=data, network=net,
-                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=loss,
-                                train_handlers=[NonFiniteLossGuard()])
+    trainer = SupervisedTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=data,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=loss,
+        train_handlers=[NonFiniteLossGuard()],
+    )
     with pytest.raises(NonFiniteLossError, match=r"iteration 2 \(epoch 1\): loss = (-)?inf"):
         trainer.run()
 
@@ -112,12 +125,27 @@ def test_bundle_run_stops_on_an_injected_nan_with_one_message(tmp_path):
     loss is NaN at the next iteration. The run stops naming it, the message is the last thing printed (no traceback),
     and the checkpoints of the good epoch are untouched (nothing was trained since)."""
     from conftest import BUNDLES, run_bundle
+
     from medcl.data.phantom import generate_dataset
 
     generate_dataset(str(tmp_path / "data"), n=5, n_test=0, seed=0, shape=(32, 32, 32))
     configs = [BUNDLES / "scratch_baseline" / "configs" / "train.json"]
-    common = ["--bundle_root", str(tmp_path), "--dataset_dir", str(tmp_path / "data"), "--patch_size", "32",
-              "--epoch_length", "2", "--num_workers", "0", "--batch_size", "1", "--val_interval", "1"]
+    common = [
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        "--patch_size",
+        "32",
+        "--epoch_length",
+        "2",
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "1",
+        "--val_interval",
+        "1",
+    ]
     proc = run_bundle(configs, *common, "--max_epochs", "1")
     assert proc.returncode == 0, proc.stdout[-3000:]
     models = tmp_path / "models"
@@ -127,7 +155,8 @@ def test_bundle_run_stops_on_an_injected_nan_with_one_message(tmp_path):
     proc = run_bundle(configs, *common, "--max_epochs", "2", "--resume", "true", "--loss#smooth_nr", "$float('nan')")
     assert proc.returncode != 0
     last = proc.stdout.strip().splitlines()[-2]
-    assert last.startswith("medcl.handlers.loss_guard.NonFiniteLossError: non-finite loss at iteration 3 (epoch 2): "
-                           "loss = nan"), last
+    assert last.startswith(
+        "medcl.handlers.loss_guard.NonFiniteLossError: non-finite loss at iteration 3 (epoch 2): loss = nan"
+    ), last
     assert "--resume true" in last and "Traceback" not in proc.stdout
     assert {p.name: p.read_bytes() for p in models.glob("*.pt")} == before

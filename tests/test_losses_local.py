@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from medcl.losses.local_contrastive import LocalContrastiveLoss, make_pairs
 from medcl.networks.contrastive_head import ContrastiveHead
 

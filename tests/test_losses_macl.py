@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from medcl.losses.dense_supcon import DenseSupConLoss
 from medcl.losses.feature_consistency import FeatureConsistencyLoss
 from medcl.losses.supcon import PositionalSupConLoss, SupConLoss, positional_positive_mask, supcon_anchor_losses

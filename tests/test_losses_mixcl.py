@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from medcl.losses.barlow_twins_pixel import BarlowTwinsPixelLoss, pixel_cross_correlation
 from medcl.losses.label_consistency import LabelConsistencyLoss, label_relation, namespace_labels
 
@@ -359,9 +360,7 @@ def test_label_loss_permutation_invariance(mode):
     g = torch.Generator().manual_seed(0)
     p1, p2 = torch.randperm(12, generator=g), torch.randperm(10, generator=g)
     loss_fn = LabelConsistencyLoss(mode=mode)
-    torch.testing.assert_close(
-        loss_fn(z1[p1], y1[p1], z2[p2], y2[p2], d1[p1], d2[p2]), loss_fn(z1, y1, z2, y2, d1, d2)
-    )
+    torch.testing.assert_close(loss_fn(z1[p1], y1[p1], z2[p2], y2[p2], d1[p1], d2[p2]), loss_fn(z1, y1, z2, y2, d1, d2))
 
 
 @pytest.mark.parametrize("mode", ["global", "anchor"])

@@ -11,13 +11,6 @@ import torch
 from conftest import BUNDLES
 from ignite.engine import Events
 from ignite.metrics import Average
-from medcl.data.views import VIEW_KEYS, RandElasticd
-from medcl.engines import MACLStep, MACLViewsModel, PretrainTrainer, prepare_dict_batch
-from medcl.errors import MedclInputError
-from medcl.losses.dense_supcon import DenseSupConLoss
-from medcl.losses.feature_consistency import FeatureConsistencyLoss
-from medcl.losses.supcon import PositionalSupConLoss
-from medcl.networks.macl import MACLPretrainModel
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
@@ -26,6 +19,14 @@ from monai.networks.nets import BasicUNet
 from monai.transforms import Compose
 from torch import nn
 
+from medcl.data.views import VIEW_KEYS, RandElasticd
+from medcl.engines import MACLStep, MACLViewsModel, PretrainTrainer, prepare_dict_batch
+from medcl.errors import MedclInputError
+from medcl.losses.dense_supcon import DenseSupConLoss
+from medcl.losses.feature_consistency import FeatureConsistencyLoss
+from medcl.losses.supcon import PositionalSupConLoss
+from medcl.networks.macl import MACLPretrainModel
+
 PRETRAIN = BUNDLES / "macl" / "configs" / "pretrain.json"
 FEATURES = (4, 4, 8, 8, 16, 4)
 SIZE = 64  # 4-level nets at scale 0.25 need multiples of 64
@@ -33,17 +34,51 @@ POSITIONS = torch.tensor([0.10, 0.15, 0.50, 0.90])
 
 # the network_def overrides documented in bundles/macl/docs/README.md ("Backbones")
 BACKBONES = {
-    "BasicUNet": {"_target_": "BasicUNet", "spatial_dims": "@spatial_dims", "in_channels": 1,
-                  "out_channels": "@num_classes", "features": [32, 32, 64, 128, 256, 32], "norm": "batch"},
-    "UNet": {"_target_": "UNet", "spatial_dims": "@spatial_dims", "in_channels": 1, "out_channels": "@num_classes",
-             "channels": [32, 64, 128, 256, 512], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "batch"},
-    "AttentionUnet": {"_target_": "AttentionUnet", "spatial_dims": "@spatial_dims", "in_channels": 1,
-                      "out_channels": "@num_classes", "channels": [32, 64, 128, 256, 512], "strides": [2, 2, 2, 2]},
-    "BasicUNetPlusPlus": {"_target_": "BasicUNetPlusPlus", "spatial_dims": "@spatial_dims", "in_channels": 1,
-                          "out_channels": "@num_classes", "features": [32, 32, 64, 128, 256, 32], "norm": "batch"},
-    "DynUNet": {"_target_": "DynUNet", "spatial_dims": "@spatial_dims", "in_channels": 1,
-                "out_channels": "@num_classes", "kernel_size": [3, 3, 3, 3, 3], "strides": [1, 2, 2, 2, 2],
-                "upsample_kernel_size": [2, 2, 2, 2], "filters": [32, 64, 128, 256, 512], "norm_name": "batch"},
+    "BasicUNet": {
+        "_target_": "BasicUNet",
+        "spatial_dims": "@spatial_dims",
+        "in_channels": 1,
+        "out_channels": "@num_classes",
+        "features": [32, 32, 64, 128, 256, 32],
+        "norm": "batch",
+    },
+    "UNet": {
+        "_target_": "UNet",
+        "spatial_dims": "@spatial_dims",
+        "in_channels": 1,
+        "out_channels": "@num_classes",
+        "channels": [32, 64, 128, 256, 512],
+        "strides": [2, 2, 2, 2],
+        "num_res_units": 2,
+        "norm": "batch",
+    },
+    "AttentionUnet": {
+        "_target_": "AttentionUnet",
+        "spatial_dims": "@spatial_dims",
+        "in_channels": 1,
+        "out_channels": "@num_classes",
+        "channels": [32, 64, 128, 256, 512],
+        "strides": [2, 2, 2, 2],
+    },
+    "BasicUNetPlusPlus": {
+        "_target_": "BasicUNetPlusPlus",
+        "spatial_dims": "@spatial_dims",
+        "in_channels": 1,
+        "out_channels": "@num_classes",
+        "features": [32, 32, 64, 128, 256, 32],
+        "norm": "batch",
+    },
+    "DynUNet": {
+        "_target_": "DynUNet",
+        "spatial_dims": "@spatial_dims",
+        "in_channels": 1,
+        "out_channels": "@num_classes",
+        "kernel_size": [3, 3, 3, 3, 3],
+        "strides": [1, 2, 2, 2, 2],
+        "upsample_kernel_size": [2, 2, 2, 2],
+        "filters": [32, 64, 128, 256, 512],
+        "norm_name": "batch",
+    },
 }
 
 
@@ -89,7 +124,9 @@ def test_step_total_is_weighted_sum_of_terms_from_the_same_outputs():
     # the total backpropagates into the encoder, the first two decoder blocks and the heads, not the rest
     terms["loss"].backward()
     grads = {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in net.named_parameters()}
-    assert grads["model.backbone.conv_0.conv_0.conv.weight"] and grads["model.backbone.upcat_3.convs.conv_1.conv.weight"]
+    assert (
+        grads["model.backbone.conv_0.conv_0.conv.weight"] and grads["model.backbone.upcat_3.convs.conv_1.conv.weight"]
+    )
     assert grads["model.pixel_projector.layers.0.conv.weight"] and grads["model.image_projector_dom.mlp.0.weight"]
     assert not any(v for n, v in grads.items() if n.startswith(("model.backbone.upcat_2", "model.backbone.final_conv")))
 
@@ -120,7 +157,9 @@ def test_step_weights_base_temperature_and_two_views():
 
     two = MACLStep(view_keys=VIEW_KEYS[:2])(net, batch)
     out2 = net(batch["view_i1"], batch["view_i2"])
-    torch.testing.assert_close(two["loss"], sum(w * t for w, t in zip((1.0, 0.5, 1.0), reference_terms(out2, POSITIONS))))
+    torch.testing.assert_close(
+        two["loss"], sum(w * t for w, t in zip((1.0, 0.5, 1.0), reference_terms(out2, POSITIONS)))
+    )
 
 
 def test_step_errors_name_the_problem():
@@ -151,8 +190,10 @@ class TwoTermStep:
 
 def _linear_data(n: int = 4):
     g = torch.Generator().manual_seed(0)
-    return [{"x": MetaTensor(torch.randn(2, 3, generator=g)), "y": torch.randn(2, 1, generator=g), "name": ["a", "b"]}
-            for _ in range(n)]
+    return [
+        {"x": MetaTensor(torch.randn(2, 3, generator=g)), "y": torch.randn(2, 1, generator=g), "name": ["a", "b"]}
+        for _ in range(n)
+    ]
 
 
 def test_trainer_runs_a_generic_step_and_exposes_every_term(capfd):
@@ -160,22 +201,33 @@ def test_trainer_runs_a_generic_step_and_exposes_every_term(capfd):
     net = nn.Linear(3, 1)
     before = [p.detach().clone() for p in net.parameters()]
     seen_batches, events = [], []
-    metrics = {"loss_a": Average(output_transform=from_engine(["loss_a"], first=True)),
-               "loss_b": Average(output_transform=from_engine(["loss_b"], first=True))}
+    metrics = {
+        "loss_a": Average(output_transform=from_engine(["loss_a"], first=True)),
+        "loss_b": Average(output_transform=from_engine(["loss_b"], first=True)),
+    }
 
     def step(network, batch):
         seen_batches.append(batch)
         return TwoTermStep()(network, batch)
 
     trainer = PretrainTrainer(
-        device=torch.device("cpu"), max_epochs=1, epoch_length=2, train_data_loader=_linear_data(), network=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=step,
+        device=torch.device("cpu"),
+        max_epochs=1,
+        epoch_length=2,
+        train_data_loader=_linear_data(),
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=step,
         key_train_metric={"train_loss": Average(output_transform=from_engine(["loss"], first=True))},
         additional_metrics=metrics,
         train_handlers=[StatsHandler(name="pretrain_test", output_transform=lambda x: x[0])],
     )
-    for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED,
-                  IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED):
+    for event in (
+        IterationEvents.FORWARD_COMPLETED,
+        IterationEvents.LOSS_COMPLETED,
+        IterationEvents.BACKWARD_COMPLETED,
+        IterationEvents.MODEL_COMPLETED,
+    ):
         trainer.add_event_handler(event, lambda e, ev=event: events.append((ev, type(e.state.output).__name__)))
     outputs = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
@@ -185,11 +237,17 @@ def test_trainer_runs_a_generic_step_and_exposes_every_term(capfd):
     assert type(seen_batches[0]["x"]) is torch.Tensor and seen_batches[0]["name"] == ["a", "b"]
     # events in SupervisedTrainer's order; during the iteration the output is the step's dict, decollated at
     # MODEL_COMPLETED (the trainer's own handler runs first)
-    assert events[:4] == [(IterationEvents.FORWARD_COMPLETED, "dict"), (IterationEvents.LOSS_COMPLETED, "dict"),
-                          (IterationEvents.BACKWARD_COMPLETED, "dict"), (IterationEvents.MODEL_COMPLETED, "list")]
+    assert events[:4] == [
+        (IterationEvents.FORWARD_COMPLETED, "dict"),
+        (IterationEvents.LOSS_COMPLETED, "dict"),
+        (IterationEvents.BACKWARD_COMPLETED, "dict"),
+        (IterationEvents.MODEL_COMPLETED, "list"),
+    ]
     # after the iteration: a decollated output, every term a float
     assert len(outputs) == 2 and isinstance(outputs[0], list) and len(outputs[0]) == 1
-    assert set(outputs[0][0]) == {"loss", "loss_a", "loss_b"} and all(isinstance(v, float) for v in outputs[0][0].values())
+    assert set(outputs[0][0]) == {"loss", "loss_a", "loss_b"} and all(
+        isinstance(v, float) for v in outputs[0][0].values()
+    )
     assert outputs[0][0]["loss"] == pytest.approx(outputs[0][0]["loss_a"] + 0.1 * outputs[0][0]["loss_b"], rel=1e-5)
     # epoch averages of each term, and the iteration log prints every term
     assert trainer.state.metrics["loss_a"] == pytest.approx(np.mean([o[0]["loss_a"] for o in outputs]))
@@ -205,8 +263,15 @@ def test_trainer_gradient_accumulation_and_raw_output():
     steps = []
     opt.register_step_post_hook(lambda *args: steps.append(1))
     trainer = PretrainTrainer(
-        device="cpu", max_epochs=1, epoch_length=4, train_data_loader=_linear_data(), network=net, optimizer=opt,
-        loss_function=TwoTermStep(), accumulation_steps=2, decollate=False,
+        device="cpu",
+        max_epochs=1,
+        epoch_length=4,
+        train_data_loader=_linear_data(),
+        network=net,
+        optimizer=opt,
+        loss_function=TwoTermStep(),
+        accumulation_steps=2,
+        decollate=False,
     )
     trainer.run()
     assert len(steps) == 2
@@ -215,14 +280,17 @@ def test_trainer_gradient_accumulation_and_raw_output():
 
 @pytest.mark.parametrize(
     "bad, error",
-    [(lambda net, batch: net(batch["x"]).sum(), TypeError),
-     (lambda net, batch: {"total": net(batch["x"]).sum()}, KeyError),
-     (lambda net, batch: {"loss": net(batch["x"])}, ValueError)],
+    [
+        (lambda net, batch: net(batch["x"]).sum(), TypeError),
+        (lambda net, batch: {"total": net(batch["x"]).sum()}, KeyError),
+        (lambda net, batch: {"loss": net(batch["x"])}, ValueError),
+    ],
 )
 def test_trainer_rejects_malformed_steps(bad, error):
     net = nn.Linear(3, 1)
-    trainer = PretrainTrainer("cpu", 1, _linear_data(), net, torch.optim.SGD(net.parameters(), lr=0.1), bad,
-                              epoch_length=1)
+    trainer = PretrainTrainer(
+        "cpu", 1, _linear_data(), net, torch.optim.SGD(net.parameters(), lr=0.1), bad, epoch_length=1
+    )
     with pytest.raises(error):
         trainer.run()
 
@@ -235,8 +303,14 @@ def test_prepare_dict_batch_rejects_tuples():
 def test_trainer_runs_the_macl_step():
     net = make_network()
     before = {k: v.detach().clone() for k, v in net.backbone.state_dict().items()}
-    trainer = PretrainTrainer("cpu", 1, [make_batch(i) for i in range(2)], net,
-                              torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), MACLStep())
+    trainer = PretrainTrainer(
+        "cpu",
+        1,
+        [make_batch(i) for i in range(2)],
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9),
+        MACLStep(),
+    )
     trainer.run()
     out = trainer.state.output[0]
     assert out["loss"] == pytest.approx(out["loss_g"] + 0.5 * out["loss_d"] + out["loss_er"], rel=1e-5)
@@ -296,13 +370,16 @@ def test_views_two_view_mode_and_3d():
 
 def test_rand_elastic_rotation_scale_and_shared_draw():
     x = torch.rand(1, 8, 6)
-    rotate = RandElasticd(["a", "b"], 2, prob=1.0, magnitude_range=None, rotate_range=(math.pi, math.pi), scale_range=None)
+    rotate = RandElasticd(
+        ["a", "b"], 2, prob=1.0, magnitude_range=None, rotate_range=(math.pi, math.pi), scale_range=None
+    )
     out = rotate({"a": x, "b": x.clone()})
     torch.testing.assert_close(torch.as_tensor(out["a"]), torch.flip(x, (1, 2)), atol=1e-5, rtol=0)
     torch.testing.assert_close(out["a"], out["b"])  # one draw for all keys
     x3 = torch.rand(1, 6, 4, 5)
-    out3 = RandElasticd("a", 3, prob=1.0, magnitude_range=None, rotate_range=(math.pi, math.pi), rotate_axis=2,
-                        scale_range=None)({"a": x3})["a"]
+    out3 = RandElasticd(
+        "a", 3, prob=1.0, magnitude_range=None, rotate_range=(math.pi, math.pi), rotate_axis=2, scale_range=None
+    )({"a": x3})["a"]
     torch.testing.assert_close(torch.as_tensor(out3), torch.flip(x3, (1, 2)), atol=1e-5, rtol=0)
     assert torch.equal(RandElasticd("a", 2, prob=0.0)({"a": x})["a"], x)
     warped = RandElasticd("a", 2, prob=1.0)

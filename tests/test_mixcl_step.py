@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.networks.nets import UNETR
+
 from medcl.engines import MixCLStep
 from medcl.engines.mixcl_step import MIXCL_VIEW_KEYS
 from medcl.errors import MedclInputError
@@ -12,7 +14,6 @@ from medcl.losses.barlow_twins_pixel import BarlowTwinsPixelLoss
 from medcl.losses.label_consistency import LabelConsistencyLoss
 from medcl.networks.mixcl import MixCLPretrainModel
 from medcl.samplers.boundary_weighted import BoundaryWeightedPixelSampler, gather_pixel_features
-from monai.networks.nets import UNETR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,9 +31,9 @@ def network() -> MixCLPretrainModel:
 
 def _labels(shift: int, three: bool) -> torch.Tensor:
     lab = torch.zeros(1, SIZE, SIZE, SIZE)
-    lab[:, 4 + shift:16 + shift, 4:16, 6:20] = 1
+    lab[:, 4 + shift : 16 + shift, 4:16, 6:20] = 1
     if three:
-        lab[:, 16:28, 18 - shift:30 - shift, 8:24] = 2
+        lab[:, 16:28, 18 - shift : 30 - shift, 8:24] = 2
     return lab
 
 
@@ -62,7 +63,7 @@ def forward(network, batch):
 def manual_label_term(out, batch, ids, layer=1, num_per_class=R, temperature=0.1):
     """Sampler + gather + loss in MixCLStep.label_term's call order (the sampler draws from torch's global RNG)."""
     z = out["z"][layer]
-    z1, z2 = z[:B], z[2 * B:]
+    z1, z2 = z[:B], z[2 * B :]
     sampler = BoundaryWeightedPixelSampler(num_per_class, mu=8.0, eps=0.05)
     b1, i1, y1 = sampler(batch["label"], size=z1.shape[2:])
     b2, i2, y2 = sampler(batch["label_2"], size=z2.shape[2:])
@@ -95,7 +96,7 @@ def test_recon_term_is_mean_of_three_mse(network):
         recon = forward(network, batch)["recon"]
     finally:
         network.train()
-    r1, r1p, r2 = recon[:B], recon[B:2 * B], recon[2 * B:]
+    r1, r1p, r2 = recon[:B], recon[B : 2 * B], recon[2 * B :]
     expected = (F.mse_loss(r1, batch["image"]) + F.mse_loss(r1p, batch["image"]) + F.mse_loss(r2, batch["image_2"])) / 3
     torch.testing.assert_close(terms["loss_recon"], expected)
     # V2 is reconstructed against P2, not P1
@@ -107,11 +108,11 @@ def test_identity_term_is_barlow_twins_over_every_layer(network):
     batch = make_batch(2)
     terms = MixCLStep(lambd=0.02, num_per_class=R)(network, batch)
     out = forward(network, batch)  # train-mode batch norm: the same batch gives the same outputs
-    expected = BarlowTwinsPixelLoss(lambd=0.02)([z[:B] for z in out["z"]], [z[B:2 * B] for z in out["z"]])
+    expected = BarlowTwinsPixelLoss(lambd=0.02)([z[:B] for z in out["z"]], [z[B : 2 * B] for z in out["z"]])
     torch.testing.assert_close(terms["loss_id"], expected)
     assert len(out["z"]) == 4
     # all layers count: dropping the deepest one changes the value
-    partial = BarlowTwinsPixelLoss(lambd=0.02)([z[:B] for z in out["z"][:3]], [z[B:2 * B] for z in out["z"][:3]])
+    partial = BarlowTwinsPixelLoss(lambd=0.02)([z[:B] for z in out["z"][:3]], [z[B : 2 * B] for z in out["z"][:3]])
     assert not torch.allclose(terms["loss_id"], partial)
 
 

@@ -28,7 +28,9 @@ LABELS = ["liver", "spleen", "kidneys", "pancreas"]
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not MONAILABEL.exists(), reason=f"no MONAI Label venv ({MONAILABEL}); run scripts/setup_monailabel.sh"),
+    pytest.mark.skipif(
+        not MONAILABEL.exists(), reason=f"no MONAI Label venv ({MONAILABEL}); run scripts/setup_monailabel.sh"
+    ),
 ]
 
 
@@ -38,7 +40,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _request(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None, timeout: float = 120):
+def _request(
+    url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None, timeout: float = 120
+):
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status, r.read()
@@ -48,9 +52,13 @@ def _multipart(field: str, path: Path) -> tuple[bytes, dict]:
     """A multipart/form-data body with one file field (what FastAPI's UploadFile parameters read)."""
     boundary = uuid.uuid4().hex
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{path.name}\"\r\n"
-        f"Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{path.name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
@@ -99,10 +107,29 @@ def test_monailabel_serves_infers_and_trains_scratch_baseline(tmp_path):
     checkpoint = _random_checkpoint(dataset, tmp_path / "model.pt")
     app, port = tmp_path / "app", _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = ["bash", str(REPO / "scripts" / "start_monailabel.sh"), "--app", str(app), "--studies", str(studies),
-           "--bundle", MODEL, "--model", str(checkpoint), "--dataset", str(dataset), "--port", str(port),
-           # tiny volumes, 2 CPU cores: no loader workers, 32² patches, 4 iterations an epoch
-           "--set", "num_workers=0", "--set", "patch_size=[32,32,32]", "--set", "epoch_length=4"]
+    cmd = [
+        "bash",
+        str(REPO / "scripts" / "start_monailabel.sh"),
+        "--app",
+        str(app),
+        "--studies",
+        str(studies),
+        "--bundle",
+        MODEL,
+        "--model",
+        str(checkpoint),
+        "--dataset",
+        str(dataset),
+        "--port",
+        str(port),
+        # tiny volumes, 2 CPU cores: no loader workers, 32² patches, 4 iterations an epoch
+        "--set",
+        "num_workers=0",
+        "--set",
+        "patch_size=[32,32,32]",
+        "--set",
+        "epoch_length=4",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -137,7 +164,9 @@ def test_monailabel_serves_infers_and_trains_scratch_baseline(tmp_path):
 
         # PUT /datastore/label?image=<id>: an annotator's label becomes the final label of that image
         body, headers = _multipart("label", dataset / "labelsTr" / image.name)
-        status, data = _request(f"{url}/datastore/label?image={image_id}&tag=final", method="PUT", data=body, headers=headers)
+        status, data = _request(
+            f"{url}/datastore/label?image={image_id}&tag=final", method="PUT", data=body, headers=headers
+        )
         assert status == 200 and json.loads(data)["image"] == image_id
         assert (studies / "labels" / "final" / image.name).exists()
         status, data = _request(f"{url}/datastore/?output=stats")
@@ -147,7 +176,9 @@ def test_monailabel_serves_infers_and_trains_scratch_baseline(tmp_path):
         models = app / "model" / MODEL / "models"
         before = (models / "model.pt").read_bytes()
         params = json.dumps({"max_epochs": 2, "device": "cpu", "multi_gpu": False, "val_split": 0.25}).encode()
-        status, data = _request(f"{url}/train/{MODEL}", method="POST", data=params, headers={"Content-Type": "application/json"})
+        status, data = _request(
+            f"{url}/train/{MODEL}", method="POST", data=params, headers={"Content-Type": "application/json"}
+        )
         assert status == 200 and json.loads(data)["status"] in ("SUBMITTED", "RUNNING")
         deadline = time.time() + 180
         while True:

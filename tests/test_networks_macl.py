@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus, DynUNet, UNet
+from torch import nn
+
 from medcl.errors import MedclInputError
 from medcl.losses.dense_supcon import DenseSupConLoss
 from medcl.losses.feature_consistency import FeatureConsistencyLoss
@@ -11,8 +14,6 @@ from medcl.losses.supcon import PositionalSupConLoss
 from medcl.networks.feature_taps import FeatureTaps
 from medcl.networks.macl import BACKBONE_TAPS, BackboneTaps, MACLPretrainModel, pretrained_prefixes, resolve_taps
 from medcl.networks.projectors import ImageProjector, PixelProjector
-from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus, DynUNet, UNet
-from torch import nn
 
 KINDS = ("basicunet", "unet", "attentionunet", "basicunetplusplus", "dynunet")
 SIZE = 64  # 4-level nets at scale 0.25: the dominant bottleneck is 64 / 4 / 16 = 1 voxel wide
@@ -37,8 +38,14 @@ def make_backbone(kind: str, dims: int) -> nn.Module:
         return BasicUNetPlusPlus(dims, 1, 2, features=feats, norm="batch")
     if kind == "dynunet":
         return DynUNet(
-            dims, 1, 2, kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4,
-            filters=list(chans), norm_name="batch",
+            dims,
+            1,
+            2,
+            kernel_size=[3] * 5,
+            strides=[1, 2, 2, 2, 2],
+            upsample_kernel_size=[2] * 4,
+            filters=list(chans),
+            norm_name="batch",
         )
     raise ValueError(kind)
 
@@ -176,7 +183,13 @@ def test_pretrain_model_shapes_and_gradients(kind, dims):
 
 def test_basicunet_prefixes_and_dynunet_aliases():
     assert pretrained_prefixes(make_backbone("basicunet", 2)) == [
-        "conv_0", "down_1", "down_2", "down_3", "down_4", "upcat_4", "upcat_3",
+        "conv_0",
+        "down_1",
+        "down_2",
+        "down_3",
+        "down_4",
+        "upcat_4",
+        "upcat_3",
     ]
     dyn = pretrained_prefixes(make_backbone("dynunet", 2))
     # the same modules are in the state dict twice: under their own names and under skip_layers

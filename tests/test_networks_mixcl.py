@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.networks.nets import UNETR
+
 from medcl.errors import MedclInputError
 from medcl.networks.feature_taps import FeatureTaps
 from medcl.networks.mixcl import MIXCL_LAYERS, MixCLPretrainModel, as_feature_map, mixcl_pretrained_prefixes
 from medcl.networks.projectors import PointwiseProjector
-from monai.networks.nets import UNETR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,8 +20,9 @@ SIZE = 32
 
 def make_unetr(out_channels: int = 1, dims: int = 3, seed: int = 0) -> UNETR:
     torch.manual_seed(seed)
-    return UNETR(1, out_channels, (SIZE,) * dims, feature_size=F, hidden_size=HIDDEN, mlp_dim=192, num_heads=4,
-                 spatial_dims=dims)
+    return UNETR(
+        1, out_channels, (SIZE,) * dims, feature_size=F, hidden_size=HIDDEN, mlp_dim=192, num_heads=4, spatial_dims=dims
+    )
 
 
 def under(key: str, prefixes: list[str]) -> bool:
@@ -160,7 +162,9 @@ def test_pretrain_model_2d_unetr():
     assert model.channels == [F, 2 * F, 4 * F, 8 * F]
     out = model(torch.randn(2, 1, SIZE, SIZE))
     assert out["recon"].shape == (2, 1, SIZE, SIZE)
-    assert [tuple(z.shape) for z in out["z"]] == [(2, 2 * c, s, s) for c, s in zip((F, 2 * F, 4 * F, 8 * F), (32, 16, 8, 4))]
+    assert [tuple(z.shape) for z in out["z"]] == [
+        (2, 2 * c, s, s) for c, s in zip((F, 2 * F, 4 * F, 8 * F), (32, 16, 8, 4))
+    ]
     with pytest.raises(MedclInputError):
         model(torch.randn(2, 1, 16, 16))
 

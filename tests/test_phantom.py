@@ -11,8 +11,9 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pytest
-from medcl.data.phantom import ORGAN_SETS, generate_case, generate_dataset, main, organ_labels
 from scipy import ndimage
+
+from medcl.data.phantom import ORGAN_SETS, generate_case, generate_dataset, main, organ_labels
 
 SMALL = (32, 32, 24)
 DEMO = (64, 64, 48)
@@ -201,13 +202,27 @@ def test_dataset_json_msd_layout_and_monai(tmp_path):
     root = os.path.dirname(path)
     assert os.path.basename(path) == "dataset.json"
     meta = json.loads(open(path).read())
-    for key in ("name", "description", "reference", "licence", "tensorImageSize", "modality", "labels",
-                "numTraining", "numTest", "training", "test"):
+    for key in (
+        "name",
+        "description",
+        "reference",
+        "licence",
+        "tensorImageSize",
+        "modality",
+        "labels",
+        "numTraining",
+        "numTest",
+        "training",
+        "test",
+    ):
         assert key in meta, key
     assert meta["name"] == "My Thorax" and meta["tensorImageSize"] == "3D" and meta["modality"] == {"0": "CT"}
     assert meta["labels"] == {str(k): v for k, v in organ_labels("thorax").items()}
     assert meta["numTraining"] == 3 and meta["numTest"] == 2
-    assert meta["training"][0] == {"image": "./imagesTr/my_thorax_000.nii.gz", "label": "./labelsTr/my_thorax_000.nii.gz"}
+    assert meta["training"][0] == {
+        "image": "./imagesTr/my_thorax_000.nii.gz",
+        "label": "./labelsTr/my_thorax_000.nii.gz",
+    }
     assert meta["test"] == ["./imagesTs/my_thorax_003.nii.gz", "./imagesTs/my_thorax_004.nii.gz"]
     assert sorted(os.listdir(os.path.join(root, "labelsTr"))) == [f"my_thorax_00{i}.nii.gz" for i in range(3)]
 
@@ -224,8 +239,9 @@ def test_dataset_json_msd_layout_and_monai(tmp_path):
 
 def test_cli_main_writes_dataset(tmp_path, capsys):
     out = tmp_path / "cli"
-    main(["--out", str(out), "--n", "2", "--n_test", "1", "--seed", "4", "--shape", "16,16,12",
-          "--organ_set", "pelvis"])
+    main(
+        ["--out", str(out), "--n", "2", "--n_test", "1", "--seed", "4", "--shape", "16,16,12", "--organ_set", "pelvis"]
+    )
     printed = capsys.readouterr().out
     assert "dataset.json" in printed and "bladder" in printed and "2 training" in printed
     meta = json.loads((out / "dataset.json").read_text())

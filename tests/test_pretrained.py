@@ -6,6 +6,9 @@ import logging
 
 import pytest
 import torch
+from monai.networks.nets import BasicUNet, UNet
+from torch import nn
+
 from medcl.errors import MedclInputError
 from medcl.handlers import PretrainedLoader
 from medcl.losses.dense_supcon import DenseSupConLoss
@@ -13,8 +16,6 @@ from medcl.losses.feature_consistency import FeatureConsistencyLoss
 from medcl.losses.supcon import PositionalSupConLoss
 from medcl.networks import load_pretrained
 from medcl.networks.macl import MACLPretrainModel, pretrained_prefixes
-from monai.networks.nets import BasicUNet, UNet
-from torch import nn
 
 FEATURES = (4, 4, 8, 8, 16, 4)
 

@@ -9,15 +9,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from medcl.data import ScaleIntensityByModalityd
-from medcl.errors import MedclInputError
-from medcl.inferers import HAS_MONAI_CPP, PseudoLabeler, confidence_filter, crf_refine
-from medcl.metrics import pseudo_label_dice
 from monai.data import load_decathlon_datalist
 from monai.inferers import SlidingWindowInferer
 from monai.metrics import compute_dice
 from monai.networks.nets import UNet
 from monai.transforms import Compose, CropForegroundd, EnsureTyped, LoadImaged, Orientationd, Spacingd
+
+from medcl.data import ScaleIntensityByModalityd
+from medcl.errors import MedclInputError
+from medcl.inferers import HAS_MONAI_CPP, PseudoLabeler, confidence_filter, crf_refine
+from medcl.metrics import pseudo_label_dice
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -17,20 +17,44 @@ pytestmark = pytest.mark.slow
 
 # One fresh pass over the data per epoch (2 labelled volumes, batch 1, 2 iterations per epoch) and no loader
 # workers: the conditions under which a resumed run repeats an uninterrupted one exactly (see RunStateHandler).
-SCRATCH = ["--patch_size", "32", "--num_labelled", "2", "--epoch_length", "2", "--val_interval", "1",
-           "--num_workers", "0", "--batch_size", "1", "--samples_per_volume", "2", "--spatial_dims", "3"]
+SCRATCH = [
+    "--patch_size",
+    "32",
+    "--num_labelled",
+    "2",
+    "--epoch_length",
+    "2",
+    "--val_interval",
+    "1",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "1",
+    "--samples_per_volume",
+    "2",
+    "--spatial_dims",
+    "3",
+]
 
 
 def _cmd(configs, *overrides):
-    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs[0]) if len(configs) == 1
-            else repr([str(c) for c in configs]), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(configs[0]) if len(configs) == 1 else repr([str(c) for c in configs]),
+        *overrides,
+    ]
 
 
 def _run_and_kill(configs, overrides, state_file: Path, after_epoch: int, timeout: float = 300) -> int:
     """Start a bundle run, SIGKILL it as soon as its run state reaches ``after_epoch``; return the epoch it had."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    proc = subprocess.Popen(_cmd(configs, *overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(configs, *overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -83,8 +107,9 @@ def _straight_killed_resumed(configs, common, tmp_path: Path, kill_after: int, m
 def test_scratch_killed_and_resumed_ends_with_the_same_weights(phantom_dir, tmp_path):
     configs = [BUNDLES / "scratch_baseline" / "configs" / "train.json"]
     common = ["--dataset_dir", str(phantom_dir), *SCRATCH, "--max_epochs", "4"]
-    straight, killed, _, _ = _straight_killed_resumed(configs, common, tmp_path, kill_after=2, max_epochs=4,
-                                                      before_resume=lambda *_: _assert_no_final(tmp_path))
+    straight, killed, _, _ = _straight_killed_resumed(
+        configs, common, tmp_path, kill_after=2, max_epochs=4, before_resume=lambda *_: _assert_no_final(tmp_path)
+    )
     _assert_same_weights(straight / "models" / "model_final.pt", killed / "models" / "model_final.pt")
     _assert_same_weights(straight / "models" / "model.pt", killed / "models" / "model.pt")
 
@@ -98,18 +123,42 @@ def test_self_training_killed_inside_a_round_resumes_that_round(phantom_dir, tmp
     saved pseudo-labels (not labelled again), then round 2: same weights as the uninterrupted run."""
     configs = [BUNDLES / "localcl_selftrain" / "configs" / "train.json"]
     # 1 labelled and 5 pseudo-labelled volumes, batch 1, epoch_length 5: each loader starts a fresh pass per epoch
-    common = ["--dataset_dir", str(phantom_dir), "--patch_size", "32", "--num_labelled", "1", "--num_rounds", "2",
-              "--round_epochs", "2", "--max_epochs", "5", "--epoch_length", "5", "--val_interval", "1",
-              "--num_workers", "0", "--batch_size", "1", "--samples_per_volume", "2"]
+    common = [
+        "--dataset_dir",
+        str(phantom_dir),
+        "--patch_size",
+        "32",
+        "--num_labelled",
+        "1",
+        "--num_rounds",
+        "2",
+        "--round_epochs",
+        "2",
+        "--max_epochs",
+        "5",
+        "--epoch_length",
+        "5",
+        "--val_interval",
+        "1",
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "1",
+        "--samples_per_volume",
+        "2",
+    ]
 
     def inside_round_1(epoch, state):
         if epoch != 2:
-            pytest.skip(f"the run reached epoch {epoch} before the kill landed (a slow poll); the round-1 resume path "
-                        "was not exercised")
+            pytest.skip(
+                f"the run reached epoch {epoch} before the kill landed (a slow poll); the round-1 resume path "
+                "was not exercised"
+            )
         assert state["objects"]["trainer.self_training"]["round"] == 1
 
-    straight, killed, _, proc = _straight_killed_resumed(configs, common, tmp_path, kill_after=2, max_epochs=5,
-                                                         before_resume=inside_round_1)
+    straight, killed, _, proc = _straight_killed_resumed(
+        configs, common, tmp_path, kill_after=2, max_epochs=5, before_resume=inside_round_1
+    )
     assert "round 1: pseudo-label Dice" not in proc.stdout and "round 2: pseudo-label Dice" in proc.stdout
     _assert_same_weights(straight / "models" / "model_final.pt", killed / "models" / "model_final.pt")
     _assert_same_weights(straight / "models" / "model.pt", killed / "models" / "model.pt")
@@ -119,8 +168,24 @@ def test_macl_pretraining_killed_and_resumed_ends_with_the_same_weights(phantom_
     """The PretrainTrainer path (4 views, two branches, cosine LR): 6 pre-training volumes, batch 1, 6 iterations
     per epoch; killed after epoch 1 of 3."""
     configs = [BUNDLES / "macl" / "configs" / "pretrain.json"]
-    common = ["--dataset_dir", str(phantom_dir), "--patch_size", "64", "--max_epochs", "3", "--epoch_length", "6",
-              "--num_workers", "0", "--batch_size", "1", "--samples_per_volume", "2", "--cache_rate", "0"]
+    common = [
+        "--dataset_dir",
+        str(phantom_dir),
+        "--patch_size",
+        "64",
+        "--max_epochs",
+        "3",
+        "--epoch_length",
+        "6",
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "1",
+        "--samples_per_volume",
+        "2",
+        "--cache_rate",
+        "0",
+    ]
     straight, killed, _, _ = _straight_killed_resumed(configs, common, tmp_path, kill_after=1, max_epochs=3)
     _assert_same_weights(straight / "models" / "pretrained.pt", killed / "models" / "pretrained.pt")
 
@@ -130,9 +195,26 @@ def test_mixcl_pretraining_killed_and_resumed_ends_with_the_same_weights(phantom
     killed after epoch 1 of 2."""
     configs = [BUNDLES / "mixcl" / "configs" / "pretrain.json"]
     width = {"feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
-    common = ["--dataset_dir", str(phantom_dir), "--pretrain_dataset_dirs", repr([str(phantom_dir)]),
-              "--patch_size", "[32,32,32]", *[a for k, v in width.items() for a in (f"--{k}", str(v))],
-              "--max_epochs", "2", "--epoch_length", "3", "--num_workers", "0", "--batch_size", "2",
-              "--samples_per_volume", "1", "--cache_rate", "0"]
+    common = [
+        "--dataset_dir",
+        str(phantom_dir),
+        "--pretrain_dataset_dirs",
+        repr([str(phantom_dir)]),
+        "--patch_size",
+        "[32,32,32]",
+        *[a for k, v in width.items() for a in (f"--{k}", str(v))],
+        "--max_epochs",
+        "2",
+        "--epoch_length",
+        "3",
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "2",
+        "--samples_per_volume",
+        "1",
+        "--cache_rate",
+        "0",
+    ]
     straight, killed, _, _ = _straight_killed_resumed(configs, common, tmp_path, kill_after=1, max_epochs=2)
     _assert_same_weights(straight / "models" / "pretrained.pt", killed / "models" / "pretrained.pt")

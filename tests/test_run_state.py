@@ -6,26 +6,35 @@ import logging
 
 import pytest
 import torch
-from medcl.errors import MedclInputError
-from medcl.handlers import AtomicCheckpointSaver, RunStateHandler
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.transforms import Compose, RandGaussianNoised
+
+from medcl.errors import MedclInputError
+from medcl.handlers import AtomicCheckpointSaver, RunStateHandler
 
 
 def _trainer(save_dir, resume: bool, max_epochs: int, objects=("network", "optimizer")):
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 2)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
-    data = Dataset([{"image": torch.randn(4), "label": torch.randn(2)} for _ in range(4)],
-                   transform=Compose([RandGaussianNoised(keys="image", prob=1.0)]))
+    data = Dataset(
+        [{"image": torch.randn(4), "label": torch.randn(2)} for _ in range(4)],
+        transform=Compose([RandGaussianNoised(keys="image", prob=1.0)]),
+    )
     saver = AtomicCheckpointSaver(str(save_dir), {"model": net}, save_final=True, final_filename="final.pt")
     pool = {"network": net, "optimizer": opt, "checkpoint_saver": saver}
     handler = RunStateHandler(str(save_dir), {k: pool[k] for k in objects}, resume=resume)
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=max_epochs, epoch_length=2,
-                                train_data_loader=DataLoader(data, batch_size=2, shuffle=True, num_workers=0),
-                                network=net, optimizer=opt, loss_function=torch.nn.MSELoss(),
-                                train_handlers=[saver, handler])
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
+        epoch_length=2,
+        train_data_loader=DataLoader(data, batch_size=2, shuffle=True, num_workers=0),
+        network=net,
+        optimizer=opt,
+        loss_function=torch.nn.MSELoss(),
+        train_handlers=[saver, handler],
+    )
     return trainer, net
 
 

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
+
 from medcl.samplers.boundary_weighted import (
     BoundaryWeightedPixelSampler,
     boundary_distance_weights,
@@ -15,7 +17,6 @@ from medcl.samplers.boundary_weighted import (
     labels_to_resolution,
     sample_class_pixels,
 )
-from scipy import stats
 
 MU, EPS = 8.0, 0.05
 

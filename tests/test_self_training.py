@@ -9,6 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import CacheDataset, load_decathlon_datalist
+from monai.losses import DiceLoss
+from monai.networks.nets import BasicUNet
+from monai.transforms import Compose, LoadImaged
+
 from medcl.data import MixedLoader
 from medcl.engines import LocalCLStep
 from medcl.errors import MedclInputError
@@ -16,10 +21,6 @@ from medcl.handlers import SelfTrainingHandler, round_of_epoch, total_epochs
 from medcl.inferers import PseudoLabeler, volume_inferer
 from medcl.losses import LocalContrastiveLoss
 from medcl.networks import SegContrastNet
-from monai.data import CacheDataset, load_decathlon_datalist
-from monai.losses import DiceLoss
-from monai.networks.nets import BasicUNet
-from monai.transforms import Compose, LoadImaged
 
 NUM_CLASSES = 5
 
@@ -27,8 +28,9 @@ NUM_CLASSES = 5
 def _net(spatial_dims: int = 2) -> SegContrastNet:
     torch.manual_seed(0)
     backbone = BasicUNet(spatial_dims, 1, NUM_CLASSES, features=(4, 4, 8, 8, 8, 4), norm="batch")
-    return SegContrastNet(backbone, tap="upcat_1", tap_channels=4, hidden_channels=6, out_channels=5,
-                          spatial_dims=spatial_dims)
+    return SegContrastNet(
+        backbone, tap="upcat_1", tap_channels=4, hidden_channels=6, out_channels=5, spatial_dims=spatial_dims
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,8 +71,12 @@ def test_mixed_loader_cycles_each_loader():
     it = iter(mixed)
     assert [next(it) for _ in range(3)] == [{"a": 1}, {"a": 2}, {"a": 1}]
     mixed.set_loader("b", ["x", "y", "z"])
-    assert [next(it) for _ in range(4)] == [{"a": 2, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "z"},
-                                            {"a": 1, "b": "x"}]
+    assert [next(it) for _ in range(4)] == [
+        {"a": 2, "b": "x"},
+        {"a": 1, "b": "y"},
+        {"a": 2, "b": "z"},
+        {"a": 1, "b": "x"},
+    ]
     mixed.activate(["b"])
     assert next(it) == {"b": "y"}
 
@@ -199,17 +205,29 @@ def test_self_training_handler_rounds_and_resume(phantom_dir, tmp_path, one_thre
     net = _net(2)
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
-    labeler = PseudoLabeler(net, volume_inferer(2, 32), Compose([LoadImaged("image", ensure_channel_first=True)]),
-                            tmp_path / "unused")
+    labeler = PseudoLabeler(
+        net, volume_inferer(2, 32), Compose([LoadImaged("image", ensure_channel_first=True)]), tmp_path / "unused"
+    )
     dataset = CacheDataset([], transform=LoadImaged(["image", "label"], ensure_channel_first=True), progress=False)
     mixed = MixedLoader({"labelled": [{"image": 0}], "unlabelled": None})
     opt = torch.optim.Adam(net.parameters())
     net(torch.randn(2, 1, 16, 16)).sum().backward()
     opt.step()
-    handler = SelfTrainingHandler(labeler, unlabelled, dataset, mixed, baseline_epochs=2, round_epochs=1, num_rounds=2,
-                                  pseudo_dir=str(tmp_path / "pseudo"), checkpoint_path=str(ckpt),
-                                  loader_kwargs={"batch_size": 1}, optimizer=opt, truth_items=training,
-                                  num_classes=NUM_CLASSES)
+    handler = SelfTrainingHandler(
+        labeler,
+        unlabelled,
+        dataset,
+        mixed,
+        baseline_epochs=2,
+        round_epochs=1,
+        num_rounds=2,
+        pseudo_dir=str(tmp_path / "pseudo"),
+        checkpoint_path=str(ckpt),
+        loader_kwargs={"batch_size": 1},
+        optimizer=opt,
+        truth_items=training,
+        num_classes=NUM_CLASSES,
+    )
     engine = _Engine()
     for epoch in (1, 2):
         engine.state.epoch = epoch
@@ -229,8 +247,18 @@ def test_self_training_handler_rounds_and_resume(phantom_dir, tmp_path, one_thre
     assert batch["unlabelled"]["label"].shape[0] == 1
     # a restarted round 1 (same checkpoint) finds its pseudo-labels and does not write them again
     mtimes = [os.path.getmtime(f) for f in files]
-    SelfTrainingHandler(labeler, unlabelled, dataset, mixed, 2, 1, 2, str(tmp_path / "pseudo"), str(ckpt),
-                        loader_kwargs={"batch_size": 1}).start_round(1)
+    SelfTrainingHandler(
+        labeler,
+        unlabelled,
+        dataset,
+        mixed,
+        2,
+        1,
+        2,
+        str(tmp_path / "pseudo"),
+        str(ckpt),
+        loader_kwargs={"batch_size": 1},
+    ).start_round(1)
     assert [os.path.getmtime(f) for f in files] == mtimes
     engine.state.epoch = 4
     handler(engine)
@@ -244,8 +272,18 @@ def test_self_training_handler_rounds_and_resume(phantom_dir, tmp_path, one_thre
     # resuming (RunStateHandler): a fresh handler goes back to round 2's items without labelling again ...
     state = handler.state_dict()
     fresh_mixed = MixedLoader({"labelled": [{"image": 0}], "unlabelled": None})
-    fresh = SelfTrainingHandler(labeler, unlabelled, dataset, fresh_mixed, 2, 1, 2, str(tmp_path / "pseudo"),
-                                str(ckpt), loader_kwargs={"batch_size": 1})
+    fresh = SelfTrainingHandler(
+        labeler,
+        unlabelled,
+        dataset,
+        fresh_mixed,
+        2,
+        1,
+        2,
+        str(tmp_path / "pseudo"),
+        str(ckpt),
+        loader_kwargs={"batch_size": 1},
+    )
     fresh.load_state_dict(state)
     assert fresh.round == 2 and fresh_mixed.active == ["labelled", "unlabelled"] and fresh.items == state["items"]
     # ... and refuses, naming the file, when a pseudo-label of that round is gone

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BUNDLES
+from monai.inferers import SliceInferer, SlidingWindowInferer
+
 from medcl.bundle import check_cli_overrides
 from medcl.errors import MedclInputError
 from medcl.inferers import volume_inferer
 from medcl.utils import require_checkpoint
-from monai.inferers import SliceInferer, SlidingWindowInferer
 
 TRAIN = str(BUNDLES / "scratch_baseline" / "configs" / "train.json")
 EVALUATE = str(BUNDLES / "scratch_baseline" / "configs" / "evaluate.json")

@@ -5,3 +5,12 @@ Run it as ``python scripts/benchmark.py`` or ``python -m medcl.benchmark`` (see 
 
 from medcl.benchmark.grid import METHODS, PRESETS, Method
 from medcl.benchmark.runs import BenchmarkError, read_dice, run_bundle
+
+__all__ = [
+    "BenchmarkError",
+    "Method",
+    "METHODS",
+    "PRESETS",
+    "read_dice",
+    "run_bundle",
+]

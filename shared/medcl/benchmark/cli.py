@@ -46,7 +46,7 @@ def _as_list(value, name: str) -> list:
     try:
         return list(value)
     except TypeError as e:
-        raise MedclInputError(f"--{name} must be a list, e.g. --{name} \"[0.1, 1.0]\", got {value!r}.") from e
+        raise MedclInputError(f'--{name} must be a list, e.g. --{name} "[0.1, 1.0]", got {value!r}.') from e
 
 
 def validate_grid(methods: Sequence[str], fractions: Sequence, num_labelled: Sequence, seeds: Sequence) -> None:
@@ -69,7 +69,9 @@ def validate_grid(methods: Sequence[str], fractions: Sequence, num_labelled: Seq
     if any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
         raise MedclInputError(f"seeds must be integers, got {list(seeds)}.")
     if not methods or not seeds or not (fractions or num_labelled):
-        raise MedclInputError("the grid is empty: give at least one method, one fraction (or --num_labelled) and one seed.")
+        raise MedclInputError(
+            "the grid is empty: give at least one method, one fraction (or --num_labelled) and one seed."
+        )
 
 
 def _check_labelled_dataset(dataset_dir: Path) -> list[str]:
@@ -110,8 +112,16 @@ def _write_json(path: Path, data: Mapping) -> None:
 
 
 class _Benchmark:
-    def __init__(self, run_dir: Path, dataset_dir: Path, label_names: list[str], bundle_overrides: Mapping,
-                 user_overrides: Mapping, common: Mapping, tracking: str | None):
+    def __init__(
+        self,
+        run_dir: Path,
+        dataset_dir: Path,
+        label_names: list[str],
+        bundle_overrides: Mapping,
+        user_overrides: Mapping,
+        common: Mapping,
+        tracking: str | None,
+    ):
         self.run_dir, self.dataset_dir, self.label_names = run_dir, dataset_dir, label_names
         self.bundle_overrides, self.user_overrides, self.common = bundle_overrides, user_overrides, common
         self.tracking = tracking
@@ -130,8 +140,14 @@ class _Benchmark:
         user.update(self.user_overrides.get(method.bundle, {}))  # per bundle: unknown keys fail loudly
         out = {**preset, **common, **user, **extra}
         if self.tracking:
-            out.update({"tracking": self.tracking, "experiment_name": f"medcl_{self.run_dir.name}",
-                        "run_name": run_name, "tracking_uri": f"sqlite:///{self.run_dir / 'mlruns.db'}"})
+            out.update(
+                {
+                    "tracking": self.tracking,
+                    "experiment_name": f"medcl_{self.run_dir.name}",
+                    "run_name": run_name,
+                    "tracking_uri": f"sqlite:///{self.run_dir / 'mlruns.db'}",
+                }
+            )
         return out
 
     def pretrain(self, method: Method, seed: int) -> dict:
@@ -140,16 +156,27 @@ class _Benchmark:
         if done.is_file():
             return json.loads(done.read_text())
         name = f"{method.name}_s{seed}_pretrain"
-        over = self.overrides(method, "pretrain.json", {**method.pretrain_overrides, "bundle_root": root, "seed": seed,
-                                                         "resume": True}, name)
+        over = self.overrides(
+            method,
+            "pretrain.json",
+            {**method.pretrain_overrides, "bundle_root": root, "seed": seed, "resume": True},
+            name,
+        )
         resumed = os.path.isfile(run_state_path(str(root / "models")))
         iters = _config_value(method.bundle, "pretrain.json", "max_epochs", over) * _config_value(
-            method.bundle, "pretrain.json", "epoch_length", over)
+            method.bundle, "pretrain.json", "epoch_length", over
+        )
         print(f"[benchmark] {name}: pre-train ({iters} iterations)", flush=True)
-        result = run_bundle([BUNDLES / method.bundle / "configs" / "pretrain.json"], over, root / "pretrain.log", cwd=REPO)
-        record = {"pretrain_s": result["wall_s"], "pretrain_peak_rss_mib": result["peak_rss_mib"],
-                  "pretrain_iterations": iters, "pretrained_ckpt": str(root / "models" / "pretrained.pt"),
-                  **({"pretrain_resumed": True} if resumed else {})}
+        result = run_bundle(
+            [BUNDLES / method.bundle / "configs" / "pretrain.json"], over, root / "pretrain.log", cwd=REPO
+        )
+        record = {
+            "pretrain_s": result["wall_s"],
+            "pretrain_peak_rss_mib": result["peak_rss_mib"],
+            "pretrain_iterations": iters,
+            "pretrained_ckpt": str(root / "models" / "pretrained.pt"),
+            **({"pretrain_resumed": True} if resumed else {}),
+        }
         _write_json(done, record)
         return record
 
@@ -170,24 +197,38 @@ class _Benchmark:
             extra["pretrained_ckpt"] = pre["pretrained_ckpt"]
         over = self.overrides(method, "train.json", extra, root.name)
         iters = _config_value(method.bundle, "train.json", "max_epochs", over) * _config_value(
-            method.bundle, "train.json", "epoch_length", over)
+            method.bundle, "train.json", "epoch_length", over
+        )
         print(f"[benchmark] {root.name}: fine-tune ({iters} iterations)", flush=True)
         configs = BUNDLES / method.bundle / "configs"
         train = run_bundle([configs / "train.json"], over, root / "train.log", cwd=REPO)
-        eval_over = {k: v for k, v in over.items() if k not in ("tracking", "experiment_name", "run_name", "tracking_uri")}
+        eval_over = {
+            k: v for k, v in over.items() if k not in ("tracking", "experiment_name", "run_name", "tracking_uri")
+        }
         run_bundle([configs / "train.json", configs / "evaluate.json"], eval_over, root / "evaluate.log", cwd=REPO)
         dice = read_dice(root / "eval", self.label_names)
         from medcl.data import load_splits
 
-        splits = load_splits(str(self.dataset_dir), label_fraction=fraction if num_labelled is None else None,
-                             num_labelled=num_labelled, seed=seed, check="off")
+        splits = load_splits(
+            str(self.dataset_dir),
+            label_fraction=fraction if num_labelled is None else None,
+            num_labelled=num_labelled,
+            seed=seed,
+            check="off",
+        )
         n_lab, pool = len(splits["labelled"]), len(splits["labelled"]) + len(splits["unlabelled"])
         record = {
-            "method": method.name, "backbone": method.backbone, "bundle": method.bundle,
+            "method": method.name,
+            "backbone": method.backbone,
+            "bundle": method.bundle,
             "label_fraction": fraction if num_labelled is None else round(n_lab / pool, 4),
-            "num_labelled": n_lab, "seed": seed, "mean_dice": round(dice.pop("mean"), 4),
+            "num_labelled": n_lab,
+            "seed": seed,
+            "mean_dice": round(dice.pop("mean"), 4),
             **{f"dice_{k}": round(v, 4) for k, v in dice.items()},
-            "train_s": train["wall_s"], "iterations": iters, "peak_rss_mib": train["peak_rss_mib"],
+            "train_s": train["wall_s"],
+            "iterations": iters,
+            "peak_rss_mib": train["peak_rss_mib"],
             **{k: v for k, v in pre.items() if k != "pretrained_ckpt"},
             **({"resumed": True} if resumed else {}),
         }

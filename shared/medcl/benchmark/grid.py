@@ -43,25 +43,67 @@ METHODS: dict[str, Method] = {
         Method("macl", "macl", "BasicUNet", pretrain=True, baseline="macl_scratch"),
         Method("macl_scratch", "macl", "BasicUNet", train={"init": "random"}),
         Method("mixcl", "mixcl", "UNETR", pretrain=True, baseline="mixcl_scratch"),
-        Method("mixcl_id", "mixcl", "UNETR", pretrain=True, pretrain_overrides={"alpha": 0.0, "beta": 0.0},
-               baseline="mixcl_scratch"),
-        Method("mixcl_id_label", "mixcl", "UNETR", pretrain=True, pretrain_overrides={"beta": 0.0},
-               baseline="mixcl_scratch"),
+        Method(
+            "mixcl_id",
+            "mixcl",
+            "UNETR",
+            pretrain=True,
+            pretrain_overrides={"alpha": 0.0, "beta": 0.0},
+            baseline="mixcl_scratch",
+        ),
+        Method(
+            "mixcl_id_label",
+            "mixcl",
+            "UNETR",
+            pretrain=True,
+            pretrain_overrides={"beta": 0.0},
+            baseline="mixcl_scratch",
+        ),
         Method("mixcl_scratch", "mixcl", "UNETR", train={"init": "random"}),
         Method("localcl", "localcl_selftrain", "BasicUNet", baseline="localcl_baseline"),
-        Method("localcl_gt", "localcl_selftrain", "BasicUNet", train={"num_rounds": 0, "lambda_local_gt": 0.1},
-               baseline="localcl_baseline"),
+        Method(
+            "localcl_gt",
+            "localcl_selftrain",
+            "BasicUNet",
+            train={"num_rounds": 0, "lambda_local_gt": 0.1},
+            baseline="localcl_baseline",
+        ),
         Method("localcl_baseline", "localcl_selftrain", "BasicUNet", train={"num_rounds": 0}),
     )
 }
 
-_CPU_2D = {"spatial_dims": 2, "patch_size": 64, "max_epochs": 20, "epoch_length": 20, "val_interval": 5,
-           "samples_per_volume": 4}
-_CPU_UNETR = {"spatial_dims": 3, "patch_size": [32, 32, 32], "feature_size": 8, "hidden_size": 192, "mlp_dim": 384,
-              "num_heads": 4, "max_epochs": 15, "epoch_length": 20, "val_interval": 5, "samples_per_volume": 2,
-              "learning_rate": 5e-4, "pretrain": {"samples_per_volume": 1}}
-_CPU_SELFTRAIN = {"spatial_dims": 2, "patch_size": 64, "max_epochs": 20, "epoch_length": 20, "val_interval": 2,
-                  "num_rounds": 3, "round_epochs": 4, "samples_per_volume": 4}
+_CPU_2D = {
+    "spatial_dims": 2,
+    "patch_size": 64,
+    "max_epochs": 20,
+    "epoch_length": 20,
+    "val_interval": 5,
+    "samples_per_volume": 4,
+}
+_CPU_UNETR = {
+    "spatial_dims": 3,
+    "patch_size": [32, 32, 32],
+    "feature_size": 8,
+    "hidden_size": 192,
+    "mlp_dim": 384,
+    "num_heads": 4,
+    "max_epochs": 15,
+    "epoch_length": 20,
+    "val_interval": 5,
+    "samples_per_volume": 2,
+    "learning_rate": 5e-4,
+    "pretrain": {"samples_per_volume": 1},
+}
+_CPU_SELFTRAIN = {
+    "spatial_dims": 2,
+    "patch_size": 64,
+    "max_epochs": 20,
+    "epoch_length": 20,
+    "val_interval": 2,
+    "num_rounds": 3,
+    "round_epochs": 4,
+    "samples_per_volume": 4,
+}
 
 #: Per-bundle overrides of every run (pre-training and fine-tuning; a ``"pretrain"`` entry holds overrides of the
 #: pre-training run only) and the default grid of each preset.
@@ -73,7 +115,12 @@ _CPU_SELFTRAIN = {"spatial_dims": 2, "patch_size": 64, "max_epochs": 20, "epoch_
 #:   fine-tuning iterations; MACL: 2D BasicUNet); for a GPU.
 PRESETS: dict[str, dict] = {
     "cpu": {
-        "bundles": {"scratch_baseline": _CPU_2D, "macl": _CPU_2D, "mixcl": _CPU_UNETR, "localcl_selftrain": _CPU_SELFTRAIN},
+        "bundles": {
+            "scratch_baseline": _CPU_2D,
+            "macl": _CPU_2D,
+            "mixcl": _CPU_UNETR,
+            "localcl_selftrain": _CPU_SELFTRAIN,
+        },
         "methods": ["scratch", "macl", "macl_scratch", "mixcl", "mixcl_scratch"],
         "fractions": [0.15, 1.0],
         "seeds": [0],

@@ -47,9 +47,13 @@ def markdown_table(rows: Sequence[dict], baselines: dict[str, str | None]) -> st
     cell: dict[tuple[str, float], dict[int, float]] = {}
     for r in rows:
         cell.setdefault((r["method"], r["label_fraction"]), {})[r["seed"]] = float(r["mean_dice"])
-    best = {f: max((_stats(list(v.values()))[0] for (m, g), v in cell.items() if g == f), default=math.nan)
-            for f in fractions}
-    head = "| method | backbone | " + " | ".join(f"{f:g} labels" if f > 1 else f"{f:.0%} labels" for f in fractions) + " |"
+    best = {
+        f: max((_stats(list(v.values()))[0] for (m, g), v in cell.items() if g == f), default=math.nan)
+        for f in fractions
+    }
+    head = (
+        "| method | backbone | " + " | ".join(f"{f:g} labels" if f > 1 else f"{f:.0%} labels" for f in fractions) + " |"
+    )
     lines = [head, "|---|---|" + "---|" * len(fractions)]
     backbone = {r["method"]: r["backbone"] for r in rows}
     for m in methods:
@@ -83,8 +87,10 @@ def plot(rows: Sequence[dict], path: Path | str, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for m in dict.fromkeys(r["method"] for r in rows):
         fractions = sorted({r["label_fraction"] for r in rows if r["method"] == m})
-        stats = [_stats([float(r["mean_dice"]) for r in rows if r["method"] == m and r["label_fraction"] == f])
-                 for f in fractions]
+        stats = [
+            _stats([float(r["mean_dice"]) for r in rows if r["method"] == m and r["label_fraction"] == f])
+            for f in fractions
+        ]
         ax.errorbar(fractions, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=m)
     ax.set_xscale("log")
     ticks = sorted({r["label_fraction"] for r in rows})

@@ -60,8 +60,14 @@ def run_bundle(
     with open(log, "a") as f:  # appended: a resumed run keeps the killed run's log above its own
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         last_error = ""
         for line in proc.stdout:
             f.write(line)
@@ -72,7 +78,9 @@ def run_bundle(
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise BenchmarkError(f"bundle run failed (exit {proc.returncode}): {last_error or '(no error line)'}; see {log}")
+        raise BenchmarkError(
+            f"bundle run failed (exit {proc.returncode}): {last_error or '(no error line)'}; see {log}"
+        )
     return RunResult(wall_s=round(time.time() - start, 1), peak_rss_mib=round(usage.ru_maxrss / 1024, 1))
 
 

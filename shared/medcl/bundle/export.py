@@ -70,9 +70,15 @@ def _bake_inference(config: Path, values: Mapping[str, Any]) -> None:
 
 def _export_torchscript(stage: Path, shape: list[int]) -> str:
     """``models/model.ts`` by scripting; by tracing at the metadata's input shape when scripting fails."""
-    common = dict(net_id="network_def", filepath=str(stage / "models" / "model.ts"),
-                  ckpt_file=str(stage / "models" / "model.pt"), meta_file=str(stage / "configs" / "metadata.json"),
-                  config_file=str(stage / "configs" / "inference.json"), bundle_root=str(stage), device="cpu")
+    common = dict(
+        net_id="network_def",
+        filepath=str(stage / "models" / "model.ts"),
+        ckpt_file=str(stage / "models" / "model.pt"),
+        meta_file=str(stage / "configs" / "metadata.json"),
+        config_file=str(stage / "configs" / "inference.json"),
+        bundle_root=str(stage),
+        device="cpu",
+    )
     try:
         ckpt_export(**common)
         return "script"
@@ -117,8 +123,12 @@ def export_bundle(
     version = meta["version"]
     if version not in meta.get("changelog", {}):
         raise MedclInputError(f"{bundle}/configs/metadata.json: version {version} has no changelog entry.")
-    require_checkpoint(str(trained_root / "models" / "model.pt"), f"train the bundle with --bundle_root {trained_root}",
-                       "trained checkpoint", "trained_root")
+    require_checkpoint(
+        str(trained_root / "models" / "model.pt"),
+        f"train the bundle with --bundle_root {trained_root}",
+        "trained checkpoint",
+        "trained_root",
+    )
     verify_metadata_offline(bundle / "configs" / "metadata.json")
 
     stage = out_dir / name
@@ -140,17 +150,28 @@ def export_bundle(
     else:
         parser["bundle_root"] = str(bundle)
     info = read_dataset_info(parser.get_parsed_content("dataset_dir"))
-    _bake_inference(stage / "configs" / "inference.json",
-                    {"num_classes": info.num_classes, "modality": info.modality, "dataset_dir": None, **(overrides or {})})
+    _bake_inference(
+        stage / "configs" / "inference.json",
+        {"num_classes": info.num_classes, "modality": info.modality, "dataset_dir": None, **(overrides or {})},
+    )
 
     shape = [int(s) for s in meta["network_data_format"]["inputs"]["image"]["spatial_shape"]]
     if overrides and "patch_size" in overrides:
         shape = list(as_patch_size(overrides["patch_size"], len(shape)))
     how = _export_torchscript(stage, shape)
     files = [*(f"models/{f}" for f in shipped), "models/model.ts"]
-    entries = [{"path": f, "url": url.format(name=name, version=version, file=os.path.basename(f)),
-                "hash_val": file_sha256(stage / f), "hash_type": "sha256"} for f in files]
-    ConfigParser.export_config_file({"large_files": entries}, str(stage / "large_files.yml"), fmt="yaml", sort_keys=False)
+    entries = [
+        {
+            "path": f,
+            "url": url.format(name=name, version=version, file=os.path.basename(f)),
+            "hash_val": file_sha256(stage / f),
+            "hash_type": "sha256",
+        }
+        for f in files
+    ]
+    ConfigParser.export_config_file(
+        {"large_files": entries}, str(stage / "large_files.yml"), fmt="yaml", sort_keys=False
+    )
 
     zip_path = out_dir / f"{name}_v{version}.zip"
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".zip.tmp")
@@ -160,6 +181,13 @@ def export_bundle(
             if path.is_file():
                 z.write(path, Path(name) / path.relative_to(stage))
     os.replace(tmp, zip_path)
-    logger.info("%s: %s v%s with %s, TorchScript by %s, %.1f MiB", zip_path, name, version, ", ".join(files), how,
-                zip_path.stat().st_size / 2**20)
+    logger.info(
+        "%s: %s v%s with %s, TorchScript by %s, %.1f MiB",
+        zip_path,
+        name,
+        version,
+        ", ".join(files),
+        how,
+        zip_path.stat().st_size / 2**20,
+    )
     return zip_path

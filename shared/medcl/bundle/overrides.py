@@ -24,7 +24,13 @@ def _cli_keys(argv: Sequence[str]) -> list[str]:
 
 def _config_files(argv: Sequence[str]) -> list[str]:
     for i, arg in enumerate(argv):
-        value = argv[i + 1] if arg == "--config_file" and i + 1 < len(argv) else arg.split("=", 1)[1] if arg.startswith("--config_file=") else None
+        value = (
+            argv[i + 1]
+            if arg == "--config_file" and i + 1 < len(argv)
+            else arg.split("=", 1)[1]
+            if arg.startswith("--config_file=")
+            else None
+        )
         if value is not None:
             try:
                 parsed = ast.literal_eval(value)
@@ -60,7 +66,9 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
         install_excepthook()
     parser = ConfigParser()
     parser.read_config(files)
-    allowed = RUN_ARGS | (TRACKING_KEYS if "--tracking" in argv or any(a.startswith("--tracking=") for a in argv) else set())
+    allowed = RUN_ARGS | (
+        TRACKING_KEYS if "--tracking" in argv or any(a.startswith("--tracking=") for a in argv) else set()
+    )
     for key in _cli_keys(argv):
         if key in allowed or key in parser or _new_argument(parser, key):
             continue

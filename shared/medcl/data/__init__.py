@@ -9,3 +9,21 @@ from medcl.data.patches import RandPatchWithPositiond, as_patch_size, volume_pad
 from medcl.data.pooled import pooled_datalist, pooled_label_maps
 from medcl.data.splits import load_splits, num_labelled_cases, split_datalist
 from medcl.data.mixed_loader import MixedLoader
+
+__all__ = [
+    "as_patch_size",
+    "check_datalist",
+    "DatasetInfo",
+    "inference_datalist",
+    "load_splits",
+    "MixedLoader",
+    "num_labelled_cases",
+    "PartnerDataset",
+    "pooled_datalist",
+    "pooled_label_maps",
+    "RandPatchWithPositiond",
+    "read_dataset_info",
+    "ScaleIntensityByModalityd",
+    "split_datalist",
+    "volume_pad_size",
+]

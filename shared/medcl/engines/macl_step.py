@@ -168,9 +168,7 @@ class MACLStep:
     ) -> None:
         self.view_keys = [view_keys] if isinstance(view_keys, str) else list(view_keys)
         if len(self.view_keys) not in (2, 4):
-            raise MedclInputError(
-                f"view_keys must name 4 views (I1, I2, V1, V2) or 2 (I1, I2), got {self.view_keys}."
-            )
+            raise MedclInputError(f"view_keys must name 4 views (I1, I2, V1, V2) or 2 (I1, I2), got {self.view_keys}.")
         weights = {"weight_g": weight_g, "weight_d": weight_d, "weight_er": weight_er}
         negative = {k: w for k, w in weights.items() if w < 0}
         if negative:

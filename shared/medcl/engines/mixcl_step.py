@@ -120,7 +120,8 @@ class MixCLStep:
         self.dataset_key = dataset_key
         self.loss_id = BarlowTwinsPixelLoss(lambd=lambd)
         self.loss_label = LabelConsistencyLoss(
-            temperature=temperature, mode=label_mode,
+            temperature=temperature,
+            mode=label_mode,
             contrast_background_across_datasets=contrast_background_across_datasets,
         )
         self.sampler = BoundaryWeightedPixelSampler(

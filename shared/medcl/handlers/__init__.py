@@ -7,3 +7,17 @@ from medcl.handlers.loss_guard import NonFiniteLossError, NonFiniteLossGuard
 from medcl.handlers.pretrained_loader import PretrainedLoader
 from medcl.handlers.run_state import RunStateHandler, register_run_state, run_state_path
 from medcl.handlers.self_training import SelfTrainingHandler, round_of_epoch, total_epochs
+
+__all__ = [
+    "AtomicCheckpointSaver",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "PretrainedLoader",
+    "register_run_state",
+    "round_of_epoch",
+    "run_state_path",
+    "RunStateHandler",
+    "SafeCheckpointLoader",
+    "SelfTrainingHandler",
+    "total_epochs",
+]

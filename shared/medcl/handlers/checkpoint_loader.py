@@ -39,8 +39,9 @@ class SafeCheckpointLoader(CheckpointLoader):
         self.sha256 = sha256
 
     def __call__(self, engine: Any) -> None:
-        path = require_checkpoint(self.load_path, "train the bundle first (train.json) or download it", "checkpoint",
-                                  "--ckpt_path")
+        path = require_checkpoint(
+            self.load_path, "train the bundle first (train.json) or download it", "checkpoint", "--ckpt_path"
+        )
         verify_sha256(path, self.sha256)
         try:  # memory-mapped, so checking costs no second read of the weights
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -75,7 +76,8 @@ class SafeCheckpointLoader(CheckpointLoader):
                 "keys missing from the checkpoint": fit["missing"] if self.strict else [],
                 "keys not in the network": fit["unexpected"] if self.strict else [],
                 "shape mismatches": [f"{k}: checkpoint {c} vs network {n}" for k, c, n in fit["mismatched"]]
-                if self.strict_shape else [],
+                if self.strict_shape
+                else [],
             }
             problems = [
                 f"{len(v)} {what} ({'; '.join(v[:3])}{' ...' if len(v) > 3 else ''})" for what, v in found.items() if v

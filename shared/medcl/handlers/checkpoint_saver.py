@@ -78,8 +78,15 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().exception_raised(engine, e)
 
     def _checkpoints(self) -> dict[str, Any]:
-        return {k: v for k, v in (("final", self._final_checkpoint), ("key_metric", self._key_metric_checkpoint),
-                                  ("interval", self._interval_checkpoint)) if v is not None}
+        return {
+            k: v
+            for k, v in (
+                ("final", self._final_checkpoint),
+                ("key_metric", self._key_metric_checkpoint),
+                ("interval", self._interval_checkpoint),
+            )
+            if v is not None
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """The saved-file lists (with their scores) of every checkpoint kind, for resuming a run."""

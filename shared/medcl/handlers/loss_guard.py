@@ -42,8 +42,11 @@ def _terms(output: Any, loss_key: str) -> dict[str, torch.Tensor]:
     """The scalar loss terms of a trainer output: ``loss_key`` and every ``loss_*`` entry (PretrainTrainer steps)."""
     if not isinstance(output, Mapping):
         return {}
-    return {k: v for k, v in output.items()
-            if (k == loss_key or str(k).startswith("loss_")) and isinstance(v, torch.Tensor) and v.numel() == 1}
+    return {
+        k: v
+        for k, v in output.items()
+        if (k == loss_key or str(k).startswith("loss_")) and isinstance(v, torch.Tensor) and v.numel() == 1
+    }
 
 
 class NonFiniteLossGuard:
@@ -93,8 +96,10 @@ class NonFiniteLossGuard:
         where = f"iteration {engine.state.iteration} (epoch {engine.state.epoch})"
         good = {k: round(float(v.detach()), 6) for k, v in terms.items() if k not in bad}
         what = ", ".join(f"{k} = {v}" for k, v in bad.items())
-        hint = ("lower the learning rate or raise the contrastive temperature, train without AMP (--amp false), or "
-                "check the inputs of this iteration")
+        hint = (
+            "lower the learning rate or raise the contrastive temperature, train without AMP (--amp false), or "
+            "check the inputs of this iteration"
+        )
         self.skipped += 1
         self.total_skipped += 1
         if self.mode == "stop" or self.skipped > self.max_skips:
@@ -104,8 +109,9 @@ class NonFiniteLossGuard:
                 f"those of the last finite step and earlier checkpoints are kept. To go on: {hint}; then add "
                 "--resume true to continue from the last finished epoch, or --nonfinite_loss skip to drop such steps."
             )
-        logger.warning("non-finite loss at %s: %s (other terms: %s); step skipped (%d in a row).", where, what, good,
-                       self.skipped)
+        logger.warning(
+            "non-finite loss at %s: %s (other terms: %s); step skipped (%d in a row).", where, what, good, self.skipped
+        )
         if getattr(engine, "scaler", None) is not None and getattr(engine, "amp", False):
             return  # the GradScaler skips the step itself
         loss = engine.state.output[self.loss_key]

@@ -111,7 +111,10 @@ class PretrainedLoader:
         log = engine.logger if engine is not None and getattr(engine, "logger", None) else logger
         log.info(
             "PretrainedLoader: %d tensors loaded from %s (%d skipped, %d missing, %d mismatched).",
-            len(self.report["loaded"]), self.checkpoint_path, len(self.report["skipped"]),
-            len(self.report["missing"]), len(self.report["mismatched"]),
+            len(self.report["loaded"]),
+            self.checkpoint_path,
+            len(self.report["skipped"]),
+            len(self.report["missing"]),
+            len(self.report["mismatched"]),
         )
         return self.report

@@ -109,8 +109,13 @@ def _randomizables(obj: Any, seen: set[int]) -> Iterator[Randomizable]:
 def _np_state(state: tuple) -> dict[str, Any]:
     """A numpy ``RandomState`` state as plain values (loadable with ``torch.load(weights_only=True)``)."""
     name, keys, pos, has_gauss, gauss = state
-    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
 
 
 def _from_np_state(d: Mapping[str, Any]) -> tuple:
@@ -157,8 +162,9 @@ class RunStateHandler:
             config).
     """
 
-    def __init__(self, save_dir: str, objects: Mapping[str, Any] | None = None, resume: bool = False,
-                 interval: int = 1) -> None:
+    def __init__(
+        self, save_dir: str, objects: Mapping[str, Any] | None = None, resume: bool = False, interval: int = 1
+    ) -> None:
         if int(interval) < 1:
             raise MedclInputError(f"run state interval must be >= 1 epoch, got {interval}.")
         self.save_dir = os.fspath(save_dir)
@@ -203,13 +209,23 @@ class RunStateHandler:
             else:
                 objects[name] = obj.state_dict()
         scaler = getattr(engine, "scaler", None)
-        rng = {"python": random.getstate(), "numpy": _np_state(np.random.get_state()), "torch": torch.get_rng_state(),
-               "transforms": [_np_state(t.R.get_state()) for t in self._transforms(engine)]}
+        rng = {
+            "python": random.getstate(),
+            "numpy": _np_state(np.random.get_state()),
+            "torch": torch.get_rng_state(),
+            "transforms": [_np_state(t.R.get_state()) for t in self._transforms(engine)],
+        }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"format": _FORMAT, "epoch": engine.state.epoch, "iteration": engine.state.iteration,
-                "trainer": engine.state_dict(), "objects": objects, "rng": rng,
-                "scaler": None if scaler is None else scaler.state_dict()}
+        return {
+            "format": _FORMAT,
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "trainer": engine.state_dict(),
+            "objects": objects,
+            "rng": rng,
+            "scaler": None if scaler is None else scaler.state_dict(),
+        }
 
     def save(self, engine: Engine) -> None:
         """Write the run state atomically: a kill while saving leaves the previous one intact."""
@@ -265,8 +281,13 @@ class RunStateHandler:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         self._load_rng(engine, state["rng"], path)
-        logger.info("resumed from %s: epoch %d, iteration %d of %d epochs.", path, engine.state.epoch,
-                    engine.state.iteration, engine.state.max_epochs)
+        logger.info(
+            "resumed from %s: epoch %d, iteration %d of %d epochs.",
+            path,
+            engine.state.epoch,
+            engine.state.iteration,
+            engine.state.max_epochs,
+        )
 
     def _load_rng(self, engine: Engine, rng: Mapping[str, Any], path: str) -> None:
         random.setstate(rng["python"])
@@ -276,8 +297,12 @@ class RunStateHandler:
             torch.cuda.set_rng_state_all(rng["cuda"])
         transforms = self._transforms(engine)
         if len(transforms) != len(rng["transforms"]):
-            logger.warning("%s: %d random transforms saved, %d now (transforms changed?); their random states were "
-                           "not restored.", path, len(rng["transforms"]), len(transforms))
+            logger.warning(
+                "%s: %d random transforms saved, %d now (transforms changed?); their random states were not restored.",
+                path,
+                len(rng["transforms"]),
+                len(transforms),
+            )
             return
         for t, s in zip(transforms, rng["transforms"]):
             t.R.set_state(_from_np_state(s))

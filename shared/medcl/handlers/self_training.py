@@ -132,13 +132,19 @@ class SelfTrainingHandler:
         if not hasattr(dataset, "set_data"):
             raise ValueError(f"the pseudo-label dataset must have set_data (e.g. CacheDataset), got {type(dataset)}.")
         if num_rounds > 0 and not unlabelled:
-            raise ValueError("num_rounds > 0 needs unlabelled volumes: the split left none (lower label_fraction / "
-                             "num_labelled, or add --unlabelled_dir).")
+            raise ValueError(
+                "num_rounds > 0 needs unlabelled volumes: the split left none (lower label_fraction / "
+                "num_labelled, or add --unlabelled_dir)."
+            )
         self.labeler = pseudo_labeler
         self.unlabelled = [dict(it) for it in unlabelled]
         self.dataset = dataset
         self.mixed_loader = mixed_loader
-        self.baseline_epochs, self.round_epochs, self.num_rounds = int(baseline_epochs), int(round_epochs), int(num_rounds)
+        self.baseline_epochs, self.round_epochs, self.num_rounds = (
+            int(baseline_epochs),
+            int(round_epochs),
+            int(num_rounds),
+        )
         self.pseudo_dir = os.fspath(pseudo_dir)
         self.checkpoint_path = os.fspath(checkpoint_path)
         self.loader_kwargs = dict(loader_kwargs or {})
@@ -162,13 +168,18 @@ class SelfTrainingHandler:
 
     def start_round(self, r: int) -> list[dict]:
         """Make round ``r``'s pseudo-labels and hand them to the training data; returns the pseudo-label items."""
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        rank, world = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        )
         if world > 1:
             dist.barrier()  # rank 0 has saved the best checkpoint of the last validation
         ckpt = self.checkpoint_path if os.path.isfile(self.checkpoint_path) else None
         if ckpt is None:
-            logger.warning("round %d: no checkpoint at %s yet (no validation run?); labelling with the current weights.",
-                           r, self.checkpoint_path)
+            logger.warning(
+                "round %d: no checkpoint at %s yet (no validation run?); labelling with the current weights.",
+                r,
+                self.checkpoint_path,
+            )
         out_dir = os.path.join(self.pseudo_dir, f"round{r}")
         self.labeler.output_dir = os.path.join(out_dir, f"rank{rank}") if world > 1 else out_dir
         items = self.labeler.run(self.unlabelled[rank::world], tag=f"round{r}", checkpoint_path=ckpt)
@@ -202,23 +213,37 @@ class SelfTrainingHandler:
             return
         gone = [it["label"] for it in items if "label" in it and not os.path.isfile(it["label"])]
         if gone:
-            raise MedclInputError(f"{gone[0]}: pseudo-label of round {r} is missing ({len(gone)} file(s)); the run "
-                                    "cannot resume its round. Restore the folder, or start afresh with --resume false.")
+            raise MedclInputError(
+                f"{gone[0]}: pseudo-label of round {r} is missing ({len(gone)} file(s)); the run "
+                "cannot resume its round. Restore the folder, or start afresh with --resume false."
+            )
         self._use(r, items)
 
     def _log_round(self, r: int, ckpt: str | None, items: list[dict], rank: int, world: int) -> None:
-        entry: dict[str, Any] = {"round": r, "checkpoint": ckpt, "num_volumes": len(items),
-                                 "pseudo_dir": self.labeler.output_dir}
+        entry: dict[str, Any] = {
+            "round": r,
+            "checkpoint": ckpt,
+            "num_volumes": len(items),
+            "pseudo_dir": self.labeler.output_dir,
+        }
         if self.truth_items and self.num_classes:
             truth = {os.path.abspath(t["image"]) for t in self.truth_items}
             known = [it for it in items if os.path.abspath(it["image"]) in truth]
             if known:
-                q = pseudo_label_dice(known, self.truth_items, self.num_classes,
-                                      ignore_index=self.labeler.ignore_index)
-                entry.update(pseudo_dice_mean=q["mean"], pseudo_dice_per_class={str(k): v for k, v in q["per_class"].items()},
-                             ignored_fraction=q["ignored_fraction"], num_scored=q["num_cases"])
-                logger.info("round %d: pseudo-label Dice %.4f over %d volumes %s", r, q["mean"], q["num_cases"],
-                            {k: round(v, 4) for k, v in q["per_class"].items()})
+                q = pseudo_label_dice(known, self.truth_items, self.num_classes, ignore_index=self.labeler.ignore_index)
+                entry.update(
+                    pseudo_dice_mean=q["mean"],
+                    pseudo_dice_per_class={str(k): v for k, v in q["per_class"].items()},
+                    ignored_fraction=q["ignored_fraction"],
+                    num_scored=q["num_cases"],
+                )
+                logger.info(
+                    "round %d: pseudo-label Dice %.4f over %d volumes %s",
+                    r,
+                    q["mean"],
+                    q["num_cases"],
+                    {k: round(v, 4) for k, v in q["per_class"].items()},
+                )
         path = os.path.join(self.pseudo_dir, ROUNDS_LOG if world == 1 else f"rounds_rank{rank}.json")
         log = []
         if os.path.isfile(path):

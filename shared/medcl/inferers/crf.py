@@ -26,8 +26,6 @@ _CRF_BACKENDS = ("auto", "monai", "torch")
 _MAX_LEVELS = 64  # intensity levels of the PyTorch bilateral approximation
 
 
-
-
 def _gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian of ``(B, C, *spatial)`` with zero padding (truncated at 3 sigma)."""
     if sigma <= 0:

@@ -145,6 +145,7 @@ def _write_json_atomic(path: str, obj: Any) -> None:
 
 def _jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tensors/arrays as lists), for comparing settings with a manifest."""
+
     def default(o):
         if isinstance(o, (torch.Tensor, np.ndarray)):
             return o.tolist()
@@ -267,8 +268,11 @@ class PseudoLabeler:
         self.checkpoint_key = checkpoint_key
         self.amp = bool(amp)
         self._invert = Invertd(
-            keys="pred", transform=preprocessing, orig_keys=image_key,
-            nearest_interp=not self.resample_probabilities, to_tensor=True,
+            keys="pred",
+            transform=preprocessing,
+            orig_keys=image_key,
+            nearest_interp=not self.resample_probabilities,
+            to_tensor=True,
         )
 
     @property
@@ -278,14 +282,16 @@ class PseudoLabeler:
 
     def settings(self) -> dict[str, Any]:
         """Labelling settings recorded in the manifest (a change starts a fresh round)."""
-        return _jsonable({
-            "crf": self.crf,
-            "crf_kwargs": self.crf_kwargs if self.crf else None,
-            "confidence_threshold": self.confidence_threshold,
-            "ignore_index": self.ignore_index if self.confidence_threshold is not None else None,
-            "resample_probabilities": self.resample_probabilities,
-            "postfix": self.postfix,
-        })
+        return _jsonable(
+            {
+                "crf": self.crf,
+                "crf_kwargs": self.crf_kwargs if self.crf else None,
+                "confidence_threshold": self.confidence_threshold,
+                "ignore_index": self.ignore_index if self.confidence_threshold is not None else None,
+                "resample_probabilities": self.resample_probabilities,
+                "postfix": self.postfix,
+            }
+        )
 
     def output_path(self, image_path: str) -> str:
         """``<output_dir>/<name>_<postfix>.nii.gz`` for an image ``<name>.nii.gz``."""
@@ -294,15 +300,25 @@ class PseudoLabeler:
     # --- manifest ---------------------------------------------------------------------------------
 
     def _header(self, tag: str, checkpoint_path: str | None) -> dict[str, Any]:
-        header: dict[str, Any] = {"version": _MANIFEST_VERSION, "tag": str(tag), "checkpoint": None,
-                                  "checkpoint_size": None, "checkpoint_sha256": None}
+        header: dict[str, Any] = {
+            "version": _MANIFEST_VERSION,
+            "tag": str(tag),
+            "checkpoint": None,
+            "checkpoint_size": None,
+            "checkpoint_sha256": None,
+        }
         if checkpoint_path is not None:
             path = require_checkpoint(
-                os.fspath(checkpoint_path), "train the segmentation network first (its saved checkpoint)",
-                "checkpoint for pseudo-labelling", "checkpoint_path",
+                os.fspath(checkpoint_path),
+                "train the segmentation network first (its saved checkpoint)",
+                "checkpoint for pseudo-labelling",
+                "checkpoint_path",
             )
-            header.update(checkpoint=os.path.abspath(path), checkpoint_size=os.path.getsize(path),
-                          checkpoint_sha256=file_sha256(path))
+            header.update(
+                checkpoint=os.path.abspath(path),
+                checkpoint_size=os.path.getsize(path),
+                checkpoint_sha256=file_sha256(path),
+            )
         header["settings"] = self.settings()
         return header
 
@@ -439,7 +455,8 @@ class PseudoLabeler:
         self._write_manifest(header, done)
 
         todo = [
-            it for it in items
+            it
+            for it in items
             if not (
                 (prev := done.get(os.path.abspath(it[self.image_key])))
                 and prev.get(self.label_key) == self.output_path(it[self.image_key])
@@ -447,8 +464,14 @@ class PseudoLabeler:
             )
         ]
         if todo and checkpoint_path is not None and self.load_checkpoint:
-            load_pretrained(self.network, checkpoint_path, prefixes=None, key=self.checkpoint_key, strict=True,
-                            map_location=self.device)
+            load_pretrained(
+                self.network,
+                checkpoint_path,
+                prefixes=None,
+                key=self.checkpoint_key,
+                strict=True,
+                map_location=self.device,
+            )
         if todo:
             logger.info("%s: %d of %d volumes to label (tag %r).", self.output_dir, len(todo), len(items), tag)
         was_training = self.network.training

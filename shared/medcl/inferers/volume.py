@@ -33,6 +33,12 @@ def volume_inferer(
     """
     roi = as_patch_size(patch_size, spatial_dims)
     if int(spatial_dims) == 2:
-        return SliceInferer(spatial_dim=slice_axis, roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap,
-                            mode=mode, progress=False)
+        return SliceInferer(
+            spatial_dim=slice_axis,
+            roi_size=roi,
+            sw_batch_size=sw_batch_size,
+            overlap=overlap,
+            mode=mode,
+            progress=False,
+        )
     return SlidingWindowInferer(roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, progress=False)

@@ -217,9 +217,7 @@ class LabelConsistencyLoss(_Loss):
             if d1.shape != y1.shape or d2.shape != y2.shape:
                 raise ValueError("dataset ids must have one entry per embedding row.")
 
-        positive, negative = label_relation(
-            y1, y2, d1, d2, self.background, self.contrast_background_across_datasets
-        )
+        positive, negative = label_relation(y1, y2, d1, d2, self.background, self.contrast_background_across_datasets)
         valid = positive | negative
         zero = (z1.sum() + z2.sum()) * 0.0  # keeps the graph when nothing is valid
 

@@ -26,8 +26,6 @@ __all__ = ["pseudo_label_dice"]
 logger = logging.getLogger(__name__)
 
 
-
-
 def _pair_items(pseudo_items, truth_items, image_key: str) -> list[tuple[Mapping, Mapping]]:
     pseudo_items, truth_items = list(pseudo_items), list(truth_items)
     if all(isinstance(it, Mapping) and image_key in it for it in pseudo_items + truth_items):

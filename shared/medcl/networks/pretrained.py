@@ -182,7 +182,12 @@ def load_pretrained(
         assert not result.unexpected_keys, result.unexpected_keys  # selected from network.state_dict()
     logger.info(
         "%s: loaded %d tensors into %s (%d skipped, %d missing, %d shape mismatches).",
-        path, len(loaded), type(network).__name__, len(skipped), len(missing), len(mismatched),
+        path,
+        len(loaded),
+        type(network).__name__,
+        len(skipped),
+        len(missing),
+        len(mismatched),
     )
     if problems:
         logger.warning("%s: partial load (strict=False): %s.", path, "; ".join(problems))
@@ -190,6 +195,7 @@ def load_pretrained(
         logger.log(
             logging.WARNING if not strict else logging.INFO,
             "%s: skipped checkpoint keys (not in the network or outside the prefixes): %s",
-            path, ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""),
+            path,
+            ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""),
         )
     return report

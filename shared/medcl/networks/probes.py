@@ -194,5 +194,3 @@ def tapped_prefixes(backbone: nn.Module, names: Sequence[str], example_input: to
         if under and all(k in chosen for k in under):
             prefixes.append(name)
     return prefixes
-
-

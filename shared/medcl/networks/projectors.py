@@ -115,7 +115,12 @@ class PointwiseProjector(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, spatial_dims: int, expansion: int = 2, norm: str | tuple = "batch", act: str | tuple = "relu"
+        self,
+        in_channels: int,
+        spatial_dims: int,
+        expansion: int = 2,
+        norm: str | tuple = "batch",
+        act: str | tuple = "relu",
     ) -> None:
         super().__init__()
         if spatial_dims not in (1, 2, 3):

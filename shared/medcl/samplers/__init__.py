@@ -7,3 +7,11 @@ from medcl.samplers.boundary_weighted import (
     labels_to_resolution,
     sample_class_pixels,
 )
+
+__all__ = [
+    "boundary_distance_weights",
+    "BoundaryWeightedPixelSampler",
+    "gather_pixel_features",
+    "labels_to_resolution",
+    "sample_class_pixels",
+]

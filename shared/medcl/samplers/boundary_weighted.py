@@ -325,7 +325,11 @@ class BoundaryWeightedPixelSampler:
             )
             for cl, r in groups:
                 idx, y = sample_class_pixels(
-                    item, r, weights=weights, classes=cl, generator=generator,
+                    item,
+                    r,
+                    weights=weights,
+                    classes=cl,
+                    generator=generator,
                     replacement_if_short=self.replacement_if_short,
                 )
                 out_b.append(torch.full_like(idx, k))

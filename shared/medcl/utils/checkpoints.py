@@ -17,7 +17,10 @@ LARGE_FILES = ("large_files.yml", "large_files.yaml", "large_files.json")
 
 
 def require_checkpoint(
-    path: str, how_to_make: str = "run the bundle's train.json first", what: str = "checkpoint", override: str = "--ckpt_dir"
+    path: str,
+    how_to_make: str = "run the bundle's train.json first",
+    what: str = "checkpoint",
+    override: str = "--ckpt_dir",
 ) -> str:
     """Return ``path`` if the checkpoint exists, else raise an error that says how to create it.
 

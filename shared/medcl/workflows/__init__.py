@@ -33,11 +33,33 @@ from medcl.utils import (
 )
 
 __all__ = [
-    "AtomicCheckpointSaver", "LocalCLStep", "NonFiniteLossError", "NonFiniteLossGuard", "PretrainTrainer",
-    "PretrainedLoader", "PseudoLabeler", "RunStateHandler", "SafeCheckpointLoader", "SelfTrainingHandler",
-    "check_cli_overrides", "confidence_filter", "crf_refine", "ddp_device", "expected_sha256", "file_sha256",
-    "init_process_group", "is_rank0", "load_pretrained", "pseudo_label_dice", "rank_handlers", "require_checkpoint",
-    "round_of_epoch", "run_state_path", "total_epochs", "verify_sha256", "volume_inferer",
+    "AtomicCheckpointSaver",
+    "LocalCLStep",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "PretrainTrainer",
+    "PretrainedLoader",
+    "PseudoLabeler",
+    "RunStateHandler",
+    "SafeCheckpointLoader",
+    "SelfTrainingHandler",
+    "check_cli_overrides",
+    "confidence_filter",
+    "crf_refine",
+    "ddp_device",
+    "expected_sha256",
+    "file_sha256",
+    "init_process_group",
+    "is_rank0",
+    "load_pretrained",
+    "pseudo_label_dice",
+    "rank_handlers",
+    "require_checkpoint",
+    "round_of_epoch",
+    "run_state_path",
+    "total_epochs",
+    "verify_sha256",
+    "volume_inferer",
 ]
 
 warnings.warn(
