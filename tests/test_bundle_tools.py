@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 
 import pytest
 import torch
 from conftest import BUNDLES
-from medcl.bundle import META_SCHEMA, verify_metadata_offline
+import medcl.bundle
+from medcl.bundle import META_SCHEMA, META_SCHEMA_SHA256, verify_metadata_offline
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
 BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs").is_dir())
@@ -31,6 +34,25 @@ def test_metadata_schema_rejects_a_broken_file(tmp_path):
     with pytest.raises(ValueError, match="version|num_channels"):
         verify_metadata_offline(path)
     assert json.loads(open(META_SCHEMA).read())["required"][:2] == ["schema", "version"]
+
+
+def test_meta_schema_hash_is_the_shipped_files():
+    """META_SCHEMA_SHA256 is the sha256 of meta_schema.json (edit the schema, then update the constant)."""
+    with open(META_SCHEMA, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert digest == META_SCHEMA_SHA256, f"meta_schema.json changed: set medcl.bundle.META_SCHEMA_SHA256 = {digest!r}"
+
+
+def test_verify_metadata_checks_the_schema_hash_without_warning(monkeypatch):
+    """MONAI's "No hash value provided ... integrity is NOT verified" warning is gone, and a wrong hash is refused."""
+    meta_file = BUNDLE_DIRS[0] / "configs" / "metadata.json"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        verify_metadata_offline(meta_file)
+    assert not [w for w in caught if "hash" in str(w.message).lower()], [str(w.message) for w in caught]
+    monkeypatch.setattr(medcl.bundle, "META_SCHEMA_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="hash check"):  # monai.apps.utils.HashCheckError, a ValueError
+        verify_metadata_offline(meta_file)
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
