@@ -4,11 +4,11 @@ from medcl.data.checks import check_datalist
 from medcl.data.datalists import inference_datalist
 from medcl.data.dataset_info import DatasetInfo, read_dataset_info
 from medcl.data.intensity import ScaleIntensityByModalityd
+from medcl.data.mixed_loader import MixedLoader
 from medcl.data.partners import PartnerDataset
 from medcl.data.patches import RandPatchWithPositiond, as_patch_size, volume_pad_size
 from medcl.data.pooled import pooled_datalist, pooled_label_maps
 from medcl.data.splits import load_splits, num_labelled_cases, split_datalist
-from medcl.data.mixed_loader import MixedLoader
 
 __all__ = [
     "as_patch_size",

@@ -89,7 +89,8 @@ def _check_item(item: dict, keys: Sequence[str], level: str, origin: str, label_
         if not np.allclose(img.affine, lab.affine, atol=1e-3):
             raise MedclInputError(
                 f"{item['label']}: label affine differs from image {item['image']} affine "
-                f"(image origin {img.affine[:3, 3].round(3).tolist()}, label origin {lab.affine[:3, 3].round(3).tolist()}). "
+                f"(image origin {img.affine[:3, 3].round(3).tolist()}, "
+                f"label origin {lab.affine[:3, 3].round(3).tolist()}). "
                 "Both must share one voxel grid: resample the label onto the image."
             )
     found: set = set()
@@ -141,7 +142,9 @@ def check_datalist(
     if level not in CHECK_LEVELS:
         raise MedclInputError(f"check level must be one of {CHECK_LEVELS}, got {level!r}.")
     if len(datalist) == 0:
-        raise MedclInputError(f"The {name} list from {origin} is empty: add cases to it or point --dataset_dir elsewhere.")
+        raise MedclInputError(
+            f"The {name} list from {origin} is empty: add cases to it or point --dataset_dir elsewhere."
+        )
     if level == "off":
         return list(datalist)
     allowed = None if label_values is None else {int(v) for v in label_values}
@@ -156,6 +159,9 @@ def check_datalist(
             logger.warning(
                 "%s: dataset.json 'labels' class %s is in no label map of the %s list. Training goes on (the class "
                 "is left out of the mean Dice and never sampled by the contrastive losses); remove it from 'labels' "
-                "if the dataset has no such class, or check the label maps.", origin, listed, name,
+                "if the dataset has no such class, or check the label maps.",
+                origin,
+                listed,
+                name,
             )
     return list(datalist)

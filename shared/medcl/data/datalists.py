@@ -14,7 +14,9 @@ from medcl.errors import MedclInputError
 __all__ = ["inference_datalist"]
 
 
-def inference_datalist(dataset_dir: str | None = None, input_dir: str | None = None, check: str = "header") -> list[dict]:
+def inference_datalist(
+    dataset_dir: str | None = None, input_dir: str | None = None, check: str = "header"
+) -> list[dict]:
     """Images to segment: ``*.nii.gz``/``*.nii`` files of ``input_dir`` if given, else the dataset's ``test`` list.
 
     Raises:
@@ -35,7 +37,9 @@ def inference_datalist(dataset_dir: str | None = None, input_dir: str | None = N
         origin = input_dir
         items = [{"image": f} for f in files]
     elif not dataset_dir:
-        raise MedclInputError("No images to segment: pass --input_dir with .nii.gz files (or --dataset_dir with a 'test' list).")
+        raise MedclInputError(
+            "No images to segment: pass --input_dir with .nii.gz files (or --dataset_dir with a 'test' list)."
+        )
     else:
         origin = dataset_json_path(dataset_dir)
         try:

@@ -81,7 +81,7 @@ def read_dataset_info(dataset_dir: str) -> DatasetInfo:
     raw_labels = meta.get("labels")
     if not isinstance(raw_labels, dict) or not raw_labels:
         raise MedclInputError(
-            f"{path} has no 'labels' mapping (e.g. {{\"0\": \"background\", \"1\": \"spleen\"}}); "
+            f'{path} has no \'labels\' mapping (e.g. {{"0": "background", "1": "spleen"}}); '
             "add one so the number of classes is known."
         )
     try:

@@ -28,12 +28,15 @@ def as_patch_size(patch_size: int | Sequence[int], spatial_dims: int) -> tuple[i
         raise MedclInputError(f"spatial_dims must be 2 (slice-wise) or 3 (volumetric), got {spatial_dims}.")
     sizes = [int(patch_size)] * int(spatial_dims) if np.isscalar(patch_size) else [int(p) for p in patch_size]
     if len(sizes) < spatial_dims or any(p < 1 for p in sizes[:spatial_dims]):
-        raise MedclInputError(f"patch_size={patch_size} needs {spatial_dims} positive sizes for spatial_dims={spatial_dims}.")
+        raise MedclInputError(
+            f"patch_size={patch_size} needs {spatial_dims} positive sizes for spatial_dims={spatial_dims}."
+        )
     return tuple(sizes[: int(spatial_dims)])
 
 
 def volume_pad_size(patch_size: int | Sequence[int], spatial_dims: int, slice_axis: int = 2) -> list[int]:
-    """Smallest 3D volume size :class:`RandPatchWithPositiond` can sample from, for :class:`monai.transforms.SpatialPadd`.
+    """Smallest 3D volume size :class:`RandPatchWithPositiond` can sample from, for
+    :class:`monai.transforms.SpatialPadd`.
 
     3D: the patch size. 2D: the in-plane patch size, and ``-1`` (keep) along ``slice_axis``.
     """
@@ -108,9 +111,12 @@ class RandPatchWithPositiond(Randomizable, MapTransform):
         if label is not None:
             fg, bg = map_binary_to_indices(label)
             if len(fg) + len(bg) > 0:
-                return [list(c) for c in generate_pos_neg_label_crop_centers(
-                    self.roi_size, self.num_samples, self.pos_ratio, shape, fg, bg, self.R
-                )]
+                return [
+                    list(c)
+                    for c in generate_pos_neg_label_crop_centers(
+                        self.roi_size, self.num_samples, self.pos_ratio, shape, fg, bg, self.R
+                    )
+                ]
         centres = []
         for _ in range(self.num_samples):
             centre = [int(self.R.randint(s)) for s in shape]
@@ -122,8 +128,10 @@ class RandPatchWithPositiond(Randomizable, MapTransform):
         first = d[self.first_key(d)]
         shape = tuple(first.shape[1:])
         if len(shape) != 3:
-            raise MedclInputError(f"RandPatchWithPositiond expects channel-first 3D volumes, got shape {tuple(first.shape)}.")
-        if any(s < r for s, r in zip(shape, self.roi_size)):
+            raise MedclInputError(
+                f"RandPatchWithPositiond expects channel-first 3D volumes, got shape {tuple(first.shape)}."
+            )
+        if any(s < r for s, r in zip(shape, self.roi_size, strict=True)):
             name = getattr(first, "meta", {}).get("filename_or_obj", "a volume")
             raise MedclInputError(
                 f"{name}: volume {shape} is smaller than the patch {self.roi_size}; pad it first (SpatialPadd) "

@@ -68,6 +68,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 from scipy import ndimage
@@ -192,23 +193,73 @@ S = Structure  # short alias for the tables below
 # Shared body layers and spine (x: right -> left, y: anterior -> posterior, z: inferior -> superior).
 _SPINE = (
     S("disc_column", 0, 90.0, (0.0, 0.50, 0.0), (0.12, 0.11, 50.0), tex=10, jitter=0.015, rot_jitter=2.0),
-    S("vertebral_bodies", 0, 850.0, (0.0, 0.50, 0.0), (0.125, 0.115, 50.0), stripes=(0.5, 0.78), clip="disc_column",
-      tex=30, jitter=0.0, rot_jitter=0.0, scale_jitter=0.0, hu_jitter=30.0,
-      parts=(Part(0.8, 320.0, tex=40.0),)),
+    S(
+        "vertebral_bodies",
+        0,
+        850.0,
+        (0.0, 0.50, 0.0),
+        (0.125, 0.115, 50.0),
+        stripes=(0.5, 0.78),
+        clip="disc_column",
+        tex=30,
+        jitter=0.0,
+        rot_jitter=0.0,
+        scale_jitter=0.0,
+        hu_jitter=30.0,
+        parts=(Part(0.8, 320.0, tex=40.0),),
+    ),
     S("spinal_canal", 0, 15.0, (0.0, 0.675, 0.0), (0.05, 0.045, 50.0), tex=5, jitter=0.01, rot_jitter=2.0),
-    S("posterior_elements", 0, 650.0, (0.0, 0.69, 0.0), (0.085, 0.08, 50.0), hollow=0.3, stripes=(0.5, 0.6),
-      tex=50, jitter=0.01, rot_jitter=2.0, hu_jitter=30.0),
+    S(
+        "posterior_elements",
+        0,
+        650.0,
+        (0.0, 0.69, 0.0),
+        (0.085, 0.08, 50.0),
+        hollow=0.3,
+        stripes=(0.5, 0.6),
+        tex=50,
+        jitter=0.01,
+        rot_jitter=2.0,
+        hu_jitter=30.0,
+    ),
 )
 
 
 def _body(rx: float, ry: float, cavity_hu: float, cavity_tex: float, cy: float = 0.04) -> tuple[Structure, ...]:
-    """Body outline (subcutaneous fat), muscle wall shell and the textured inner cavity."""
+    """Body outline (subcutaneous fat), muscle wall shell and the textured inner cavity.
+
+    Spelled with :class:`Structure`, not the table alias ``S``: the alias is deleted once the tables are built,
+    and this function must keep working when called after import.
+    """
     return (
-        S("body", 0, -100.0, (0.0, cy, 0.0), (rx, ry, 50.0), exponent=2.3, tex=12, jitter=0.02, rot_jitter=2.0),
-        S("muscle_wall", 0, 50.0, (0.0, cy, 0.0), (rx - 0.08, ry - 0.08, 50.0), exponent=2.3, hollow=0.05,
-          clip="body", tex=8, jitter=0.0, rot_jitter=0.0, scale_jitter=0.0),
-        S("cavity", 0, cavity_hu, (0.0, cy, 0.0), (rx - 0.15, ry - 0.15, 50.0), exponent=2.3, tex=cavity_tex,
-          tex_fine=0.3, jitter=0.0, rot_jitter=0.0, scale_jitter=0.0),
+        Structure("body", 0, -100.0, (0.0, cy, 0.0), (rx, ry, 50.0), exponent=2.3, tex=12, jitter=0.02, rot_jitter=2.0),
+        Structure(
+            "muscle_wall",
+            0,
+            50.0,
+            (0.0, cy, 0.0),
+            (rx - 0.08, ry - 0.08, 50.0),
+            exponent=2.3,
+            hollow=0.05,
+            clip="body",
+            tex=8,
+            jitter=0.0,
+            rot_jitter=0.0,
+            scale_jitter=0.0,
+        ),
+        Structure(
+            "cavity",
+            0,
+            cavity_hu,
+            (0.0, cy, 0.0),
+            (rx - 0.15, ry - 0.15, 50.0),
+            exponent=2.3,
+            tex=cavity_tex,
+            tex_fine=0.3,
+            jitter=0.0,
+            rot_jitter=0.0,
+            scale_jitter=0.0,
+        ),
     )
 
 
@@ -223,22 +274,68 @@ _ABDOMEN = OrganSet(
         S("paraspinal_right", 0, 50.0, (-0.22, 0.70, 0.0), (0.13, 0.09, 50.0), tex=8),
         S("psoas_left", 0, 48.0, (0.17, 0.45, -0.6), (0.06, 0.07, 0.6), tex=8),
         S("psoas_right", 0, 48.0, (-0.17, 0.45, -0.6), (0.06, 0.07, 0.6), tex=8),
-        S("stomach", 0, 28.0, (0.28, -0.30, 0.45), (0.22, 0.18, 0.30), rotation=(0, 0, -20), tex=12, clip="cavity",
-          parts=(Part(0.55, -900.0, offset=(0.0, -0.45, 0.35), tex=20.0, p_present=0.6),)),
-        S("liver", 1, 60.0, (-0.38, -0.02, 0.35), (0.40, 0.50, 0.62), exponent=2.4, rotation=(0, 0, 10), tex=6,
-          clip="cavity"),
+        S(
+            "stomach",
+            0,
+            28.0,
+            (0.28, -0.30, 0.45),
+            (0.22, 0.18, 0.30),
+            rotation=(0, 0, -20),
+            tex=12,
+            clip="cavity",
+            parts=(Part(0.55, -900.0, offset=(0.0, -0.45, 0.35), tex=20.0, p_present=0.6),),
+        ),
+        S(
+            "liver",
+            1,
+            60.0,
+            (-0.38, -0.02, 0.35),
+            (0.40, 0.50, 0.62),
+            exponent=2.4,
+            rotation=(0, 0, 10),
+            tex=6,
+            clip="cavity",
+        ),
         S("gallbladder", 0, 5.0, (-0.28, -0.38, -0.12), (0.08, 0.10, 0.14), tex=4, p_absent=0.2, clip="cavity"),
         S("spleen", 2, 45.0, (0.52, 0.20, 0.42), (0.15, 0.23, 0.28), rotation=(0, 0, 30), tex=6, clip="cavity"),
-        S("kidney_left", 3, 150.0, (0.40, 0.30, -0.18), (0.13, 0.15, 0.30), rotation=(0, -8, -25), tex=10,
-          p_absent=0.05, clip="cavity", parts=(Part(0.4, 20.0, offset=(-0.5, 0.0, 0.0), tex=5.0),)),
-        S("kidney_right", 3, 150.0, (-0.40, 0.32, -0.32), (0.13, 0.15, 0.30), rotation=(0, 8, 25), tex=10,
-          p_absent=0.05, clip="cavity", parts=(Part(0.4, 20.0, offset=(0.5, 0.0, 0.0), tex=5.0),)),
-        S("pancreas", 4, 40.0, (0.10, 0.12, 0.05), (0.34, 0.09, 0.12), exponent=2.2, rotation=(0, -12, -18),
-          tex=5, p_absent=0.10, clip="cavity"),
-        S("aorta", 0, 150.0, (0.06, 0.36, 0.0), (), points=((0.0, 0.0, -1.2), (0.0, 0.0, 1.2)), radius=0.07,
-          tex=8),
-        S("ivc", 0, 110.0, (-0.13, 0.30, 0.0), (), points=((0.0, 0.02, -1.2), (0.02, -0.04, 1.2)), radius=0.065,
-          tex=8),
+        S(
+            "kidney_left",
+            3,
+            150.0,
+            (0.40, 0.30, -0.18),
+            (0.13, 0.15, 0.30),
+            rotation=(0, -8, -25),
+            tex=10,
+            p_absent=0.05,
+            clip="cavity",
+            parts=(Part(0.4, 20.0, offset=(-0.5, 0.0, 0.0), tex=5.0),),
+        ),
+        S(
+            "kidney_right",
+            3,
+            150.0,
+            (-0.40, 0.32, -0.32),
+            (0.13, 0.15, 0.30),
+            rotation=(0, 8, 25),
+            tex=10,
+            p_absent=0.05,
+            clip="cavity",
+            parts=(Part(0.4, 20.0, offset=(0.5, 0.0, 0.0), tex=5.0),),
+        ),
+        S(
+            "pancreas",
+            4,
+            40.0,
+            (0.10, 0.12, 0.05),
+            (0.34, 0.09, 0.12),
+            exponent=2.2,
+            rotation=(0, -12, -18),
+            tex=5,
+            p_absent=0.10,
+            clip="cavity",
+        ),
+        S("aorta", 0, 150.0, (0.06, 0.36, 0.0), (), points=((0.0, 0.0, -1.2), (0.0, 0.0, 1.2)), radius=0.07, tex=8),
+        S("ivc", 0, 110.0, (-0.13, 0.30, 0.0), (), points=((0.0, 0.02, -1.2), (0.02, -0.04, 1.2)), radius=0.065, tex=8),
     )
     + _SPINE,
 )
@@ -257,19 +354,44 @@ _PELVIS = OrganSet(
         S("sacrum", 0, 450.0, (0.0, 0.62, 0.45), (0.22, 0.10, 0.55), rotation=(-20, 0, 0), tex=60),
         S("obturator_left", 0, 52.0, (0.33, 0.05, -0.35), (0.08, 0.22, 0.3), tex=8),
         S("obturator_right", 0, 52.0, (-0.33, 0.05, -0.35), (0.08, 0.22, 0.3), tex=8),
-        S("femoral_neck_left", 0, 600.0, (0.52, 0.05, -0.5), (), points=((0.0, 0.0, 0.0), (0.25, 0.02, -0.7)),
-          radius=0.09, tex=60),
-        S("femoral_neck_right", 0, 600.0, (-0.52, 0.05, -0.5), (), points=((0.0, 0.0, 0.0), (-0.25, 0.02, -0.7)),
-          radius=0.09, tex=60),
+        S(
+            "femoral_neck_left",
+            0,
+            600.0,
+            (0.52, 0.05, -0.5),
+            (),
+            points=((0.0, 0.0, 0.0), (0.25, 0.02, -0.7)),
+            radius=0.09,
+            tex=60,
+        ),
+        S(
+            "femoral_neck_right",
+            0,
+            600.0,
+            (-0.52, 0.05, -0.5),
+            (),
+            points=((0.0, 0.0, 0.0), (-0.25, 0.02, -0.7)),
+            radius=0.09,
+            tex=60,
+        ),
         S("acetabulum_left", 0, 750.0, (0.55, 0.05, -0.45), (0.2, 0.2, 0.24), hollow=0.12, tex=60),
         S("acetabulum_right", 0, 750.0, (-0.55, 0.05, -0.45), (0.2, 0.2, 0.24), hollow=0.12, tex=60),
         S("femoral_head_left", 4, 450.0, (0.55, 0.05, -0.45), (0.15, 0.15, 0.18), tex=40, tex_fine=0.9),
         S("femoral_head_right", 4, 450.0, (-0.55, 0.05, -0.45), (0.15, 0.15, 0.18), tex=40, tex_fine=0.9),
         S("bladder", 1, 8.0, (0.0, -0.25, 0.05), (0.27, 0.24, 0.30), exponent=2.2, tex=4, clip="cavity"),
         S("prostate", 2, 40.0, (0.0, 0.02, -0.45), (0.13, 0.11, 0.16), tex=6, p_absent=0.10, clip="cavity"),
-        S("rectum", 3, 30.0, (0.0, 0.32, 0.0), (), points=((0.0, 0.0, -1.2), (0.0, -0.02, -0.2), (-0.04, 0.05, 0.5),
-                                                              (0.08, 0.08, 1.2)),
-          radius=0.11, tex=12, clip="cavity", parts=(Part(0.5, 10.0, tex=40.0, p_present=0.5),)),
+        S(
+            "rectum",
+            3,
+            30.0,
+            (0.0, 0.32, 0.0),
+            (),
+            points=((0.0, 0.0, -1.2), (0.0, -0.02, -0.2), (-0.04, 0.05, 0.5), (0.08, 0.08, 1.2)),
+            radius=0.11,
+            tex=12,
+            clip="cavity",
+            parts=(Part(0.5, 10.0, tex=40.0, p_present=0.5),),
+        ),
         S("seminal_vesicles", 0, 30.0, (0.0, 0.12, -0.18), (0.2, 0.05, 0.06), tex=6, p_absent=0.10, clip="cavity"),
     ),
 )
@@ -283,25 +405,108 @@ _THORAX = OrganSet(
     + (
         S("paraspinal_left", 0, 50.0, (0.22, 0.72, 0.0), (0.13, 0.09, 50.0), tex=8),
         S("paraspinal_right", 0, 50.0, (-0.22, 0.72, 0.0), (0.13, 0.09, 50.0), tex=8),
-        S("lung_right", 5, -820.0, (-0.43, 0.05, 0.12), (0.32, 0.55, 0.90), exponent=2.4, tex=45, tex_fine=0.9,
-          clip="cavity"),
-        S("lung_left", 5, -820.0, (0.45, 0.05, 0.12), (0.30, 0.55, 0.90), exponent=2.4, tex=45, tex_fine=0.9,
-          clip="cavity"),
-        S("heart", 1, 100.0, (0.12, -0.22, -0.42), (0.33, 0.34, 0.42), rotation=(0, 10, 25), tex=8,
-          clip="cavity", parts=(Part(0.6, 140.0, offset=(0.1, 0.0, 0.0), tex=6.0),)),
-        S("aorta", 2, 170.0, (0.0, 0.0, 0.0), (),
-          points=((0.02, -0.12, -0.25), (0.02, -0.12, 0.5), (0.1, 0.12, 0.72), (0.2, 0.32, 0.5), (0.18, 0.34, -1.2)),
-          radius=0.08, tex=8),
-        S("esophagus", 3, 35.0, (0.0, 0.0, 0.0), (), points=((0.04, 0.22, 1.2), (0.06, 0.23, 0.0), (0.14, 0.12, -1.2)),
-          radius=0.065, tex=6, p_absent=0.05),
-        S("bronchus_right", 0, -950.0, (0.0, 0.0, 0.0), (), points=((0.0, 0.05, 0.22), (-0.32, 0.08, -0.08)),
-          radius=0.04, tex=10, jitter=0.01),
-        S("bronchus_left", 0, -950.0, (0.0, 0.0, 0.0), (), points=((0.0, 0.05, 0.22), (0.32, 0.08, -0.12)),
-          radius=0.04, tex=10, jitter=0.01),
-        S("trachea", 4, -950.0, (0.0, 0.0, 0.0), (), points=((0.0, 0.0, 1.2), (0.0, 0.05, 0.22)), radius=0.075,
-          tex=10, jitter=0.01),
-        S("ribs", 0, 700.0, (0.0, 0.04, 0.0), (0.87, 0.70, 50.0), exponent=2.3, hollow=0.035, stripes=(0.32, 0.35),
-          clip="body", tex=60, jitter=0.0, rot_jitter=0.0, scale_jitter=0.0),
+        S(
+            "lung_right",
+            5,
+            -820.0,
+            (-0.43, 0.05, 0.12),
+            (0.32, 0.55, 0.90),
+            exponent=2.4,
+            tex=45,
+            tex_fine=0.9,
+            clip="cavity",
+        ),
+        S(
+            "lung_left",
+            5,
+            -820.0,
+            (0.45, 0.05, 0.12),
+            (0.30, 0.55, 0.90),
+            exponent=2.4,
+            tex=45,
+            tex_fine=0.9,
+            clip="cavity",
+        ),
+        S(
+            "heart",
+            1,
+            100.0,
+            (0.12, -0.22, -0.42),
+            (0.33, 0.34, 0.42),
+            rotation=(0, 10, 25),
+            tex=8,
+            clip="cavity",
+            parts=(Part(0.6, 140.0, offset=(0.1, 0.0, 0.0), tex=6.0),),
+        ),
+        S(
+            "aorta",
+            2,
+            170.0,
+            (0.0, 0.0, 0.0),
+            (),
+            points=((0.02, -0.12, -0.25), (0.02, -0.12, 0.5), (0.1, 0.12, 0.72), (0.2, 0.32, 0.5), (0.18, 0.34, -1.2)),
+            radius=0.08,
+            tex=8,
+        ),
+        S(
+            "esophagus",
+            3,
+            35.0,
+            (0.0, 0.0, 0.0),
+            (),
+            points=((0.04, 0.22, 1.2), (0.06, 0.23, 0.0), (0.14, 0.12, -1.2)),
+            radius=0.065,
+            tex=6,
+            p_absent=0.05,
+        ),
+        S(
+            "bronchus_right",
+            0,
+            -950.0,
+            (0.0, 0.0, 0.0),
+            (),
+            points=((0.0, 0.05, 0.22), (-0.32, 0.08, -0.08)),
+            radius=0.04,
+            tex=10,
+            jitter=0.01,
+        ),
+        S(
+            "bronchus_left",
+            0,
+            -950.0,
+            (0.0, 0.0, 0.0),
+            (),
+            points=((0.0, 0.05, 0.22), (0.32, 0.08, -0.12)),
+            radius=0.04,
+            tex=10,
+            jitter=0.01,
+        ),
+        S(
+            "trachea",
+            4,
+            -950.0,
+            (0.0, 0.0, 0.0),
+            (),
+            points=((0.0, 0.0, 1.2), (0.0, 0.05, 0.22)),
+            radius=0.075,
+            tex=10,
+            jitter=0.01,
+        ),
+        S(
+            "ribs",
+            0,
+            700.0,
+            (0.0, 0.04, 0.0),
+            (0.87, 0.70, 50.0),
+            exponent=2.3,
+            hollow=0.035,
+            stripes=(0.32, 0.35),
+            clip="body",
+            tex=60,
+            jitter=0.0,
+            rot_jitter=0.0,
+            scale_jitter=0.0,
+        ),
     )
     + _SPINE,
 )
@@ -420,7 +625,7 @@ def _superquadric(q: np.ndarray, exponent: float) -> np.ndarray:
 def _tube(q: np.ndarray, points: np.ndarray, radius: float) -> np.ndarray:
     """Implicit function: distance to the polyline minus the radius."""
     best = None
-    for a, b in zip(points[:-1], points[1:]):
+    for a, b in pairwise(points):
         ab = (b - a).astype(np.float32)
         rel = q - a.astype(np.float32)[:, None, None, None]
         t = np.clip(_dot(ab / (ab @ ab + 1e-12), rel), 0.0, 1.0)
@@ -524,7 +729,7 @@ def generate_case(
         image[...] = image * (1.0 - occ) + occ * value
         label[occ >= 0.5] = lab
 
-    for st, (nrm, uni) in zip(spec.structures, per_structure):
+    for st, (nrm, uni) in zip(spec.structures, per_structure, strict=True):
         absent = uni[0] < st.p_absent
         if absent:
             continue
@@ -550,7 +755,7 @@ def generate_case(
             occ = np.minimum(occ, occupancies[st.clip])
         occupancies[st.name] = occ
         paint(occ, hu, st.tex, st.tex_fine, st.label)
-        for part, u_part in zip(st.parts, uni[1:]):
+        for part, u_part in zip(st.parts, uni[1:], strict=True):
             if u_part >= part.p_present:
                 continue
             qp = q - np.asarray(part.offset, dtype=np.float32)[:, None, None, None]
@@ -576,7 +781,11 @@ def generate_case(
     sz = float(s_slice)
     n = np.asarray(shape, dtype=np.float64)
     origin_lps = np.array(
-        [-sx * (n[0] - 1) / 2.0 + origin_jitter[0], -sy * (n[1] - 1) / 2.0 + origin_jitter[1], table_z + origin_jitter[2]]
+        [
+            -sx * (n[0] - 1) / 2.0 + origin_jitter[0],
+            -sy * (n[1] - 1) / 2.0 + origin_jitter[1],
+            table_z + origin_jitter[2],
+        ]
     )
     affine = np.diag([-sx, -sy, sz, 1.0])
     affine[:3, 3] = [-origin_lps[0], -origin_lps[1], origin_lps[2]]

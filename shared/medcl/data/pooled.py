@@ -73,8 +73,9 @@ def pooled_datalist(
         if not cases:
             raise MedclInputError(f"{info.dataset_json} lists no labelled training case to pool.")
         for case in cases:
-            items.append({"image": case["image"], "label": case["label"], "dataset_id": dataset_id,
-                          "modality": info.modality})
+            items.append(
+                {"image": case["image"], "label": case["label"], "dataset_id": dataset_id, "modality": info.modality}
+            )
     return items
 
 
