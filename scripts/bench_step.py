@@ -53,8 +53,14 @@ def _timer(device: torch.device):
     return run
 
 
+def _allocation_kind(device: torch.device) -> str:
+    """What :func:`_allocated_bytes` measures on ``device``, for the printed reports."""
+    return "peak" if device.type == "cuda" else "sum of allocations, an upper bound of the peak"
+
+
 def _allocated_bytes(fn, device: torch.device) -> int:
-    """Peak bytes allocated while ``fn`` runs (CUDA), or the sum of allocations the profiler sees (CPU, an upper bound)."""
+    """Peak bytes allocated while ``fn`` runs (CUDA), or the sum of allocations the profiler sees (CPU, an upper
+    bound); :func:`_allocation_kind` names which."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -139,7 +145,7 @@ def bench_macl(size: int, repeats: int, dev: torch.device, dataset_dir: str) -> 
     print(
         f"losses fwd+bwd allocate {_allocated_bytes(losses_only, dev) / 2**20:.2f} MiB; "
         f"L_d alone {_allocated_bytes(dense_only, dev) / 2**20:.2f} MiB "
-        f"(maps {tuple(outs['z_l_aux'].shape)}; {'peak' if dev.type == 'cuda' else 'sum of allocations, an upper bound of the peak'})"
+        f"(maps {tuple(outs['z_l_aux'].shape)}; {_allocation_kind(dev)})"
     )
 
 
@@ -199,14 +205,15 @@ def bench_mixcl(
         out = net(torch.cat([batch[k] for k in MIXCL_VIEWS]))
     z = out["z"][step.label_layer].detach()
     z1, z2 = z[:n].clone().requires_grad_(), z[2 * n :].clone().requires_grad_()
-    kind = "peak" if dev.type == "cuda" else "sum of allocations, an upper bound of the peak"
+    kind = _allocation_kind(dev)
     for r in budgets:
         step.sampler.num_per_class = int(r)
         nbytes = _allocated_bytes(
             lambda: step.label_term(z1, batch["label"], z2, batch["label_2"], batch["dataset_id"]).backward(), dev
         )
         print(
-            f"L_label fwd+bwd with r = {r:5d} pixels per class: {nbytes / 2**20:8.2f} MiB ({kind}; map {tuple(z1.shape)})"
+            f"L_label fwd+bwd with r = {r:5d} pixels per class: {nbytes / 2**20:8.2f} MiB "
+            f"({kind}; map {tuple(z1.shape)})"
         )
 
 
@@ -257,12 +264,13 @@ def bench_localcl(
     z = z.detach().requires_grad_()
     y = torch.cat([batch["labelled"]["label"], batch["unlabelled"]["label"]])
     pairs = step.random_pairs(z.shape[0], z.device)
-    kind = "peak" if dev.type == "cuda" else "sum of allocations, an upper bound of the peak"
+    kind = _allocation_kind(dev)
     for r in budgets:
         step.local_loss.num_anchors = int(r)
         nbytes = _allocated_bytes(lambda: step.local_loss(z, y, pairs).backward(), dev)
         print(
-            f"L_local fwd+bwd with {r:4d} anchors per class and image: {nbytes / 2**20:8.2f} MiB ({kind}; map {tuple(z.shape)})"
+            f"L_local fwd+bwd with {r:4d} anchors per class and image: {nbytes / 2**20:8.2f} MiB "
+            f"({kind}; map {tuple(z.shape)})"
         )
 
 

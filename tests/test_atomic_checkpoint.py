@@ -1,4 +1,5 @@
-"""A run killed (SIGKILL) in the middle of writing a checkpoint leaves the previous one intact, never a truncated file."""
+"""A run killed (SIGKILL) in the middle of writing a checkpoint leaves the previous one intact, never a truncated
+file."""
 
 from __future__ import annotations
 

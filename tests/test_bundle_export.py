@@ -27,7 +27,8 @@ RUNTIME_VENV = REPO / ".venv-runtime"
 
 
 def _fake_training_run(bundle: Path, phantom_dir: Path, root: Path, **overrides) -> Path:
-    """A ``models/model.pt`` as a training run leaves it (weights of the bundle's network; training is tested elsewhere)."""
+    """A ``models/model.pt`` as a training run leaves it (weights of the bundle's network; training is tested
+    elsewhere)."""
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser.update({"dataset_dir": str(phantom_dir), "device": "cpu", **overrides})

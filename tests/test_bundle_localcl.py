@@ -1,4 +1,5 @@
-"""The local-contrastive self-training bundle run for real: baseline -> 2 pseudo-label rounds -> evaluate -> inference."""
+"""The local-contrastive self-training bundle run for real: baseline -> 2 pseudo-label rounds -> evaluate ->
+inference."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The MACL bundle run for real: ``python -m monai.bundle run`` of pretrain -> fine-tune -> inference on a 32³ phantom."""
+"""The MACL bundle run for real: ``python -m monai.bundle run`` of pretrain -> fine-tune -> inference on a 32³
+phantom."""
 
 from __future__ import annotations
 

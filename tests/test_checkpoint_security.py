@@ -1,4 +1,5 @@
-"""Loading weights from elsewhere: sha256 from large_files.yml checked first, torch.load(weights_only=True), clear errors."""
+"""Loading weights from elsewhere: sha256 from large_files.yml checked first, torch.load(weights_only=True), clear
+errors."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_safe_loader_checks_sha256_then_loads(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(src.state_dict(), path)
     SafeCheckpointLoader(str(path), {"model": dst}, sha256=file_sha256(path))(_Engine())
-    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # one changed byte: refused before torch.load sees it
     data = bytearray(path.read_bytes())
@@ -78,8 +79,14 @@ def test_expected_sha256_reads_large_files_yml(tmp_path):
     (tmp_path / "models").mkdir()
     (tmp_path / "large_files.yml").write_text(
         "large_files:\n"
-        "  - path: models/model.pt\n    url: https://example.org/model.pt\n    hash_val: abc123\n    hash_type: sha256\n"
-        "  - path: models/model.ts\n    url: https://example.org/model.ts\n    hash_val: ffff\n    hash_type: md5\n"
+        "  - path: models/model.pt\n"
+        "    url: https://example.org/model.pt\n"
+        "    hash_val: abc123\n"
+        "    hash_type: sha256\n"
+        "  - path: models/model.ts\n"
+        "    url: https://example.org/model.ts\n"
+        "    hash_val: ffff\n"
+        "    hash_type: md5\n"
     )
     assert expected_sha256(tmp_path, "models/model.pt") == "abc123"
     assert expected_sha256(tmp_path, str(tmp_path / "models" / "model.pt")) == "abc123"

@@ -128,7 +128,7 @@ def test_reduction_none_and_sum_and_nominal_normaliser():
     per_pair = LocalContrastiveLoss(reduction="none")(emb, lab, pairs=pairs, anchors=anchors)
     ref = ref_pair_losses(emb, lab, PAIRS, anchors)
     assert per_pair.shape == (3,)
-    for got, want in zip(per_pair, ref):
+    for got, want in zip(per_pair, ref, strict=True):
         torch.testing.assert_close(got, want if want is not None else torch.zeros((), dtype=torch.float64))
     total = LocalContrastiveLoss(reduction="sum")(emb, lab, pairs=pairs, anchors=anchors)
     torch.testing.assert_close(total, per_pair.sum())
@@ -218,7 +218,7 @@ def test_pixel_permutation_invariance():
     emb_p = torch.stack([emb[b].reshape(ch, -1)[:, perms[b]] for b in range(bsz)]).reshape(emb.shape)
     lab_p = torch.stack([lab[b].reshape(1, -1)[:, perms[b]] for b in range(bsz)]).reshape(lab.shape)
     inv = [torch.argsort(p) for p in perms]  # new position of old pixel k is inv[k]
-    anchors_p = [(inv[i][a], inv[j][b]) for (i, j), (a, b) in zip(PAIRS, anchors)]
+    anchors_p = [(inv[i][a], inv[j][b]) for (i, j), (a, b) in zip(PAIRS, anchors, strict=True)]
     loss_fn = LocalContrastiveLoss()
     torch.testing.assert_close(
         loss_fn(emb_p, lab_p, pairs=torch.tensor(PAIRS), anchors=anchors_p),
@@ -275,7 +275,7 @@ def test_deterministic_with_generator_and_sample_anchors():
     torch.testing.assert_close(loss_fn(emb, lab, anchors=anchors), a)
     # n anchors per class shared by the pair, in each image, of the right class
     flat = lab.reshape(4, -1)
-    for (i, j), (first, second) in zip(make_pairs(4).tolist(), anchors):
+    for (i, j), (first, second) in zip(make_pairs(4).tolist(), anchors, strict=True):
         shared = sorted((set(flat[i].tolist()) & set(flat[j].tolist())) - {0})
         assert flat[i][first].tolist() == [c for c in shared for _ in range(3)]
         assert flat[j][second].tolist() == [c for c in shared for _ in range(3)]

@@ -58,14 +58,20 @@ def ref_positional(features: torch.Tensor, positions: torch.Tensor, tau: float, 
 def ref_dense(aux, dom, positions, tau: float, thr: float, rule: str) -> torch.Tensor:
     b = aux.shape[0]
     locs = list(itertools.product(*[range(s) for s in aux.shape[2:]]))
+    if rule == "position":
+        pos = [float(x) for x in positions]
+
+        def weight(a, c):
+            return abs(pos[a % b] - pos[c % b]) < thr
+
+    else:
+
+        def weight(a, c):
+            return a % b == c % b
+
     total = 0.0
     for loc in locs:
         vecs = [aux[(i, slice(None)) + loc] for i in range(b)] + [dom[(i, slice(None)) + loc] for i in range(b)]
-        if rule == "position":
-            pos = [float(x) for x in positions]
-            weight = lambda a, c: abs(pos[a % b] - pos[c % b]) < thr  # noqa: E731
-        else:
-            weight = lambda a, c: a % b == c % b  # noqa: E731
         total = total + ref_supcon(vecs, weight, tau)
     return total / len(locs)
 
@@ -79,7 +85,7 @@ def ref_resample_align_corners(x: torch.Tensor, out_size: list[int]) -> torch.Te
         acc = 0.0
         for corner in itertools.product((0, 1), repeat=len(o)):
             weight, idx = 1.0, []
-            for k, (ok, ck) in enumerate(zip(o, corner)):
+            for k, (ok, ck) in enumerate(zip(o, corner, strict=True)):
                 # align_corners=True: output index ok sits at input coordinate ok * (in - 1) / (out - 1)
                 src = ok * (in_size[k] - 1) / (out_size[k] - 1) if out_size[k] > 1 else 0.0
                 lo = int(math.floor(src))
@@ -108,7 +114,7 @@ def assert_same_value_and_grad(loss_fn, ref_fn, inputs: list[torch.Tensor], atol
     ref = ref_fn(*ref_inputs)
     ref_grads = torch.autograd.grad(ref, ref_inputs)
     assert torch.allclose(val, ref, atol=atol, rtol=rtol), (float(val), float(ref))
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads, ref_grads, strict=True):
         assert torch.isfinite(g).all()
         assert torch.allclose(g, rg, atol=atol, rtol=rtol)
     return val

@@ -114,7 +114,7 @@ def test_barlow_matches_loop_reference_values_and_grads(shape):
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
     g_loss = torch.autograd.grad(loss, (z1, z2))
     g_ref = torch.autograd.grad(ref, (z1, z2))
-    for a, b in zip(g_loss, g_ref):
+    for a, b in zip(g_loss, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
@@ -146,7 +146,7 @@ def test_barlow_grows_with_injected_redundancy():
         # identical views: diagonal term 0, off-diagonal term lambd * C(C-1) * rho^2
         assert val == pytest.approx(lambd * c * (c - 1) * rho**2, rel=1e-9, abs=1e-15)
         values.append(val)
-    assert all(b > a for a, b in zip(values, values[1:]))
+    assert all(b > a for a, b in itertools.pairwise(values))
 
 
 def test_barlow_grows_with_cross_view_mixing():
@@ -158,7 +158,7 @@ def test_barlow_grows_with_cross_view_mixing():
         mix = torch.eye(c, dtype=torch.float64) + a * (torch.ones(c, c, dtype=torch.float64) - torch.eye(c))
         values.append(loss_fn(to_map(z1, (4, 8, 8)), to_map(z1 @ mix, (4, 8, 8))).item())
     assert values[0] == pytest.approx(0.0, abs=1e-20)
-    assert all(b > a for a, b in zip(values, values[1:]))
+    assert all(b > a for a, b in itertools.pairwise(values))
 
 
 def test_barlow_multi_layer_sum_mean_none():
@@ -166,7 +166,7 @@ def test_barlow_multi_layer_sum_mean_none():
     shapes = [(2, 3, 8, 8, 8), (2, 6, 4, 4, 4), (2, 12, 2, 2, 2), (2, 5, 7, 6)]  # mixed channels, 3D and 2D
     z1 = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     z2 = [a + 0.3 * torch.randn(a.shape, generator=g, dtype=torch.float64) for a in z1]
-    single = torch.stack([BarlowTwinsPixelLoss()(a, b) for a, b in zip(z1, z2)])
+    single = torch.stack([BarlowTwinsPixelLoss()(a, b) for a, b in zip(z1, z2, strict=True)])
     torch.testing.assert_close(BarlowTwinsPixelLoss()(z1, z2), single.sum())
     torch.testing.assert_close(BarlowTwinsPixelLoss(reduction="mean")(z1, z2), single.mean())
     torch.testing.assert_close(BarlowTwinsPixelLoss(reduction="none")(tuple(z1), tuple(z2)), single)
@@ -260,7 +260,7 @@ def test_label_loss_matches_loop_reference(mode, with_datasets, cross):
         loss = loss_fn(z1, y1, z2, y2, d1, d2)
         ref = ref_label_loss(z1, y1, z2, y2, d1, d2, tau=0.1, mode=mode, cross=cross)
         torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
-        for a, b in zip(torch.autograd.grad(loss, (z1, z2)), torch.autograd.grad(ref, (z1, z2))):
+        for a, b in zip(torch.autograd.grad(loss, (z1, z2)), torch.autograd.grad(ref, (z1, z2)), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 

@@ -158,7 +158,7 @@ def test_step_weights_base_temperature_and_two_views():
     two = MACLStep(view_keys=VIEW_KEYS[:2])(net, batch)
     out2 = net(batch["view_i1"], batch["view_i2"])
     torch.testing.assert_close(
-        two["loss"], sum(w * t for w, t in zip((1.0, 0.5, 1.0), reference_terms(out2, POSITIONS)))
+        two["loss"], sum(w * t for w, t in zip((1.0, 0.5, 1.0), reference_terms(out2, POSITIONS), strict=True))
     )
 
 
@@ -253,7 +253,7 @@ def test_trainer_runs_a_generic_step_and_exposes_every_term(capfd):
     assert trainer.state.metrics["loss_a"] == pytest.approx(np.mean([o[0]["loss_a"] for o in outputs]))
     logged = capfd.readouterr()
     assert "loss_a: " in logged.out + logged.err and "loss_b: " in logged.out + logged.err
-    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
 
 
 def test_trainer_gradient_accumulation_and_raw_output():

@@ -153,14 +153,14 @@ def test_identity_ablation_gradient_equals_identity_term_gradient(network):
     network.zero_grad(set_to_none=True)
 
     assert any(g.abs().sum() > 0 for g in g_id)
-    for (name, _), a, b in zip(network.named_parameters(), g_total, g_id):
+    for (name, _), a, b in zip(network.named_parameters(), g_total, g_id, strict=True):
         torch.testing.assert_close(a, b, msg=name)
 
     # with the full weights the gradient differs (the other terms do contribute)
     MixCLStep(alpha=1.0, beta=1.0, num_per_class=R)(network, batch)["loss"].backward()
     g_full = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
     network.zero_grad(set_to_none=True)
-    assert any(not torch.allclose(a, b) for a, b in zip(g_full, g_id))
+    assert any(not torch.allclose(a, b) for a, b in zip(g_full, g_id, strict=True))
 
 
 def _label_loss(network, batch, seed=11):

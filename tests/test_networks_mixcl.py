@@ -84,7 +84,7 @@ def test_pretrain_model_default_layers_shapes_and_channels():
 
     out = model(torch.randn(2, 1, SIZE, SIZE, SIZE))
     assert out["recon"].shape == (2, 1, SIZE, SIZE, SIZE)
-    expected = [(2, 2 * c, s, s, s) for c, s in zip((F, 2 * F, 4 * F, 8 * F), (32, 16, 8, 4))]
+    expected = [(2, 2 * c, s, s, s) for c, s in zip((F, 2 * F, 4 * F, 8 * F), (32, 16, 8, 4), strict=True)]
     assert [tuple(z.shape) for z in out["z"]] == expected
     assert all(torch.isfinite(z).all() for z in out["z"])
 
@@ -163,7 +163,7 @@ def test_pretrain_model_2d_unetr():
     out = model(torch.randn(2, 1, SIZE, SIZE))
     assert out["recon"].shape == (2, 1, SIZE, SIZE)
     assert [tuple(z.shape) for z in out["z"]] == [
-        (2, 2 * c, s, s) for c, s in zip((F, 2 * F, 4 * F, 8 * F), (32, 16, 8, 4))
+        (2, 2 * c, s, s) for c, s in zip((F, 2 * F, 4 * F, 8 * F), (32, 16, 8, 4), strict=True)
     ]
     with pytest.raises(MedclInputError):
         model(torch.randn(2, 1, 16, 16))

@@ -39,7 +39,7 @@ def _load(path):
 def test_generate_case_is_deterministic_and_seed_dependent():
     a = generate_case(1, seed=0, shape=SMALL)
     b = generate_case(1, seed=0, shape=SMALL)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     c = generate_case(1, seed=1, shape=SMALL)
     assert not np.array_equal(a[0], c[0])

@@ -276,7 +276,10 @@ def test_pseudo_label_dice_matches_monai_and_ignores_filtered(tmp_path):
     items_p = [{"image": "a.nii.gz", "label": _save(tmp_path / "p.nii.gz", pseudo)}]
     items_t = [{"image": "a.nii.gz", "label": _save(tmp_path / "t.nii.gz", truth)}]
     report = pseudo_label_dice(items_p, items_t, 3)
-    onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a).long(), 3).permute(3, 0, 1, 2)[None]
+
+    def onehot(a):
+        return torch.nn.functional.one_hot(torch.as_tensor(a).long(), 3).permute(3, 0, 1, 2)[None]
+
     expected = compute_dice(onehot(pseudo), onehot(truth), include_background=False, ignore_empty=False)[0]
     assert [report["per_class"][c] for c in (1, 2)] == pytest.approx(expected.tolist())
 

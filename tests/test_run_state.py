@@ -49,7 +49,7 @@ def test_resume_continues_and_extends_a_finished_run(tmp_path, caplog):
         resumed.run()
     assert "epoch 2, iteration 4 of 4 epochs" in caplog.text
     assert resumed.state.epoch == 4 and resumed.state.iteration == 8
-    for a, b in zip(net_a.parameters(), net_b.parameters()):
+    for a, b in zip(net_a.parameters(), net_b.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

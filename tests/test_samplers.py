@@ -219,7 +219,7 @@ def test_labels_to_resolution_index_rule(mode, offset):
     out = labels_to_resolution(label, size, mode=mode)
     assert out.shape == (2, 1, *size) and out.dtype == label.dtype
     for i, j, k in itertools.product(*[range(s) for s in size]):
-        src = [math.floor((o + offset) * n / s) for o, n, s in zip((i, j, k), label.shape[2:], size)]
+        src = [math.floor((o + offset) * n / s) for o, n, s in zip((i, j, k), label.shape[2:], size, strict=True)]
         assert torch.equal(out[:, 0, i, j, k], label[:, 0, src[0], src[1], src[2]])
     assert torch.equal(labels_to_resolution(label, (12, 9, 10)), label)
     with pytest.raises(ValueError):
@@ -253,11 +253,14 @@ def test_batch_sampler(spatial):
     assert b.shape == idx.shape == y.shape and b.dtype == idx.dtype == y.dtype == torch.long
     flat = label.reshape(3, -1)
     assert torch.equal(flat[b, idx], y)  # every sample lies in its class
-    counts = {(int(bb), int(yy)): int(((b == bb) & (y == yy)).sum()) for bb, yy in set(zip(b.tolist(), y.tolist()))}
+    counts = {
+        (int(bb), int(yy)): int(((b == bb) & (y == yy)).sum())
+        for bb, yy in set(zip(b.tolist(), y.tolist(), strict=True))
+    }
     assert counts == {(0, 0): 4, (0, 1): 10, (0, 2): 10, (1, 0): 4, (1, 3): 10, (2, 0): 4}
 
     again = sampler(label, generator=torch.Generator().manual_seed(10))
-    assert all(torch.equal(u, v) for u, v in zip((b, idx, y), again))
+    assert all(torch.equal(u, v) for u, v in zip((b, idx, y), again, strict=True))
 
     no_bg = BoundaryWeightedPixelSampler(num_per_class=3, background_samples=0)(label, generator=g)
     assert (no_bg[2] != 0).all() and set(no_bg[0].tolist()) == {0, 1}

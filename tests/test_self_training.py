@@ -239,7 +239,7 @@ def test_self_training_handler_rounds_and_resume(phantom_dir, tmp_path, one_thre
     assert not opt.state  # Adam restarts each round
     files = sorted((tmp_path / "pseudo" / "round1").glob("*_pseudo.nii.gz"))
     assert len(files) == 3
-    for f, item in zip(files, sorted(unlabelled, key=lambda d: d["image"])):
+    for f, item in zip(files, sorted(unlabelled, key=lambda d: d["image"]), strict=True):
         src, out = nib.load(item["image"]), nib.load(str(f))
         assert out.shape == src.shape
         np.testing.assert_allclose(out.affine, src.affine, atol=1e-4)

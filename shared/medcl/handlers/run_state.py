@@ -304,5 +304,5 @@ class RunStateHandler:
                 len(transforms),
             )
             return
-        for t, s in zip(transforms, rng["transforms"]):
+        for t, s in zip(transforms, rng["transforms"], strict=True):
             t.R.set_state(_from_np_state(s))

@@ -161,7 +161,7 @@ class BarlowTwinsPixelLoss(_Loss):
             raise ValueError(f"got {len(layers1)} layers for view 1 and {len(layers2)} for view 2.")
         if not layers1:
             raise ValueError("at least one layer is required.")
-        losses = torch.stack([self.layer_loss(a, b) for a, b in zip(layers1, layers2)])
+        losses = torch.stack([self.layer_loss(a, b) for a, b in zip(layers1, layers2, strict=True)])
         if self.reduction == LossReduction.SUM.value:
             return losses.sum()
         if self.reduction == LossReduction.MEAN.value:

@@ -98,7 +98,7 @@ class FeatureConsistencyLoss(_Loss):
         if len(factors) != len(spatial):
             raise ValueError(f"scale has {len(factors)} factors but the feature maps have {len(spatial)} spatial dims.")
         # interpolate's output size: floor(input_size * scale_factor)
-        return [int(math.floor(s * f)) for s, f in zip(spatial, factors)], factors
+        return [int(math.floor(s * f)) for s, f in zip(spatial, factors, strict=True)], factors
 
     def forward(self, aux: torch.Tensor, dom: torch.Tensor) -> torch.Tensor:
         """

@@ -224,7 +224,8 @@ class LocalContrastiveLoss(_Loss):
         lab = convert_to_tensor(labels, track_meta=False)
         if lab.ndim != embeddings.ndim or lab.shape[1] != 1:
             raise ValueError(
-                f"labels must be (B, 1, *spatial) with {embeddings.ndim - 2} spatial dims, got shape {tuple(lab.shape)}."
+                f"labels must be (B, 1, *spatial) with {embeddings.ndim - 2} spatial dims, "
+                f"got shape {tuple(lab.shape)}."
             )
         if lab.shape[0] != embeddings.shape[0]:
             raise ValueError(f"labels have batch size {lab.shape[0]}, embeddings {embeddings.shape[0]}.")

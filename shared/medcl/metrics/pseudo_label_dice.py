@@ -39,7 +39,7 @@ def _pair_items(pseudo_items, truth_items, image_key: str) -> list[tuple[Mapping
             f"{len(pseudo_items)} pseudo-label items vs {len(truth_items)} true-label items: pair them by "
             f"{image_key!r} or pass lists of equal length."
         )
-    return list(zip(pseudo_items, truth_items))
+    return list(zip(pseudo_items, truth_items, strict=True))
 
 
 def pseudo_label_dice(

@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +132,7 @@ def _attention_unet_taps(net: nn.Module) -> BackboneTaps:
     return BackboneTaps(f"{path}.submodule", (path, parents[-1]))
 
 
-TapsEntry = Union[BackboneTaps, Callable[[nn.Module], BackboneTaps]]
+TapsEntry = BackboneTaps | Callable[[nn.Module], BackboneTaps]
 
 #: Supported backbones: class -> taps (or a function of the instance for depth-dependent names).
 #:
@@ -385,5 +384,5 @@ class MACLPretrainModel(nn.Module):
 
 
 def _stride_hint(x: torch.Tensor, bottleneck: torch.Tensor, scale: float) -> str:
-    strides = [max(1, round(a / max(b, 1))) for a, b in zip(x.shape[2:], bottleneck.shape[2:])]
+    strides = [max(1, round(a / max(b, 1))) for a, b in zip(x.shape[2:], bottleneck.shape[2:], strict=True)]
     return str([int(math.ceil(s / scale)) for s in strides])

@@ -139,7 +139,10 @@ class MixCLPretrainModel(nn.Module):
             )
         with FeatureTaps(self.backbone, self.layers) as taps:
             recon = self.backbone(x)
-        z = [proj(as_feature_map(taps.outputs[n], self.grid)) for n, proj in zip(self.layers, self.projectors)]
+        z = [
+            proj(as_feature_map(taps.outputs[n], self.grid))
+            for n, proj in zip(self.layers, self.projectors, strict=True)
+        ]
         return {"recon": recon, "z": z}
 
 

@@ -128,9 +128,9 @@ def load_pretrained(
         checkpoint shape, network shape)]}``.
 
     Raises:
-        MedclInputError: for a missing or unreadable file, a sha256 mismatch, a checkpoint without a state dict, or (``strict``)
-            a checkpoint that does not fit the targeted part of ``network``; the message names the file and
-            lists the first few problems.
+        MedclInputError: for a missing or unreadable file, a sha256 mismatch, a checkpoint without a state dict,
+            or (``strict``) a checkpoint that does not fit the targeted part of ``network``; the message names the
+            file and lists the first few problems.
     """
     path = require_checkpoint(os.fspath(checkpoint_path), how_to_make, "pre-trained checkpoint", "--pretrained_ckpt")
     verify_sha256(path, sha256)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ def input_size_of(network: nn.Module) -> tuple[int, ...] | None:
     feat, patch = getattr(network, "feat_size", None), getattr(network, "patch_size", None)
     if feat is None or patch is None:
         return None
-    return tuple(int(f) * int(p) for f, p in zip(feat, patch))
+    return tuple(int(f) * int(p) for f, p in zip(feat, patch, strict=True))
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
@@ -101,6 +102,12 @@ def _as_size(size: int | Sequence[int], dims: int) -> list[int]:
     return [int(size)] * dims if isinstance(size, int) else [int(s) for s in size]
 
 
+def _record_grad_fn(grad_fns: dict[nn.Module, Any], module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook (``grad_fns`` bound by :func:`functools.partial`): a module's first tensor output's grad_fn."""
+    if isinstance(output, torch.Tensor) and module not in grad_fns:
+        grad_fns[module] = output.grad_fn
+
+
 def run_probe(backbone, names, spatial_dims, example_input, collect_outputs: bool, in_channels=None, size=None):
     """Run the backbone up to the last of ``names``; return (tap outputs, {module: output grad_fn})."""
     last_error: Exception | None = None
@@ -108,11 +115,7 @@ def run_probe(backbone, names, spatial_dims, example_input, collect_outputs: boo
         grad_fns: dict[nn.Module, Any] = {}
         handles = []
         if collect_outputs:
-
-            def record(module, args, output):
-                if isinstance(output, torch.Tensor) and module not in grad_fns:
-                    grad_fns[module] = output.grad_fn
-
+            record = partial(_record_grad_fn, grad_fns)  # this probe's dict, bound now
             handles = [m.register_forward_hook(record) for m in backbone.modules()]
         try:
             outputs = FeatureTaps(backbone, names, stop_early=True)(x)
