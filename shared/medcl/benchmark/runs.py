@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,10 +13,19 @@ from pathlib import Path
 
 from medcl.errors import MedclInputError
 
-__all__ = ["BenchmarkError", "RunResult", "bundle_command", "read_dice", "run_bundle"]
+__all__ = ["BenchmarkError", "RunResult", "bundle_command", "echo_text", "read_dice", "run_bundle"]
 
-#: Log lines echoed while a run goes on.
-PROGRESS = ("Metrics -- val_mean_dice", "pretrain_loss:", "Train completed", "Error")
+#: Log lines echoed while a run goes on (``medcl.handlers.ProgressHandler`` writes the ``Progress:`` lines).
+PROGRESS = ("Progress:", "Metrics -- val_mean_dice", "pretrain_loss:", "Train completed", "Error")
+
+#: A log line's prefix: ``%(asctime)s - %(name)s - %(levelname)s - `` (the bundles' ``logging.conf``) or, from
+#: MONAI's own loggers, ``%(asctime)s - %(levelname)s - ``.
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - (?:\S+ - )?(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) - ")
+
+
+def echo_text(line: str) -> str:
+    """The text of a log line to echo: the whole message, without the logging prefix (date, logger, level)."""
+    return _LOG_PREFIX.sub("", line.rstrip())
 
 
 class BenchmarkError(RuntimeError):
@@ -27,7 +37,7 @@ class RunResult(dict):
 
 
 def bundle_command(configs: Sequence[Path | str], overrides: Mapping[str, object]) -> list[str]:
-    """The ``python -m monai.bundle run`` command line for ``configs`` (merged in order) and ``--key value`` overrides."""
+    """The ``python -m monai.bundle run`` command line: ``configs`` (merged in order), ``--key value`` overrides."""
     configs = [str(c) for c in configs]
     config_arg = configs[0] if len(configs) == 1 else repr(configs)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
@@ -45,7 +55,8 @@ def run_bundle(
     prefix: str = "    ",
 ) -> RunResult:
     """
-    Run a bundle workflow, write its output to ``log`` and echo the lines containing one of ``echo``.
+    Run a bundle workflow, write its output to ``log`` and echo the lines containing one of ``echo``, each whole
+    (see :func:`echo_text`), prefixed with ``prefix``.
 
     Returns:
         wall time and peak resident memory (MiB, from the child's own ``rusage``).
@@ -74,7 +85,7 @@ def run_bundle(
             if "Error" in line:
                 last_error = line.strip()
             if any(p in line for p in echo):
-                print(f"{prefix}{line.rstrip()[-110:]}", flush=True)
+                print(f"{prefix}{echo_text(line)}", flush=True)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:

@@ -1,10 +1,11 @@
 """Ignite event handlers: checkpoints (atomic saves, safe loading), run state for resume, the non-finite loss guard,
-self-training rounds and pre-trained initialisation."""
+self-training rounds, pre-trained initialisation and progress lines."""
 
 from medcl.handlers.checkpoint_loader import SafeCheckpointLoader
 from medcl.handlers.checkpoint_saver import AtomicCheckpointSaver
 from medcl.handlers.loss_guard import NonFiniteLossError, NonFiniteLossGuard
 from medcl.handlers.pretrained_loader import PretrainedLoader
+from medcl.handlers.progress import ProgressHandler
 from medcl.handlers.run_state import RunStateHandler, register_run_state, run_state_path
 from medcl.handlers.self_training import SelfTrainingHandler, round_of_epoch, total_epochs
 
@@ -13,6 +14,7 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "PretrainedLoader",
+    "ProgressHandler",
     "register_run_state",
     "round_of_epoch",
     "run_state_path",

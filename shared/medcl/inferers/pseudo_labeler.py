@@ -33,7 +33,9 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import nibabel as nib
@@ -477,13 +479,23 @@ class PseudoLabeler:
         was_training = self.network.training
         self.network.to(self.device)
         self.network.eval()
+        start = time.monotonic()
         try:
-            for it in todo:
+            for i, it in enumerate(todo, 1):
                 src = it[self.image_key]
                 out_path = self.output_path(src)
                 self._label_one(src, out_path)
                 done[os.path.abspath(src)] = {self.image_key: src, self.label_key: out_path}
                 self._write_manifest(header, done)
+                elapsed = time.monotonic() - start
+                logger.info(
+                    "Progress: pseudo-labels %r, volume %d/%d, elapsed %s, left ~%s",
+                    tag,
+                    i,
+                    len(todo),
+                    timedelta(seconds=round(elapsed)),
+                    timedelta(seconds=round(elapsed / i * (len(todo) - i))),
+                )
         finally:
             self.network.train(was_training)
         return [{**it, self.label_key: self.output_path(it[self.image_key])} for it in items]
