@@ -64,13 +64,14 @@ def pixel_cross_correlation(z1: torch.Tensor, z2: torch.Tensor, center: bool = T
     if a.dtype in (torch.float16, torch.bfloat16):
         # sums of squares over M pixels overflow half precision (max 65504): compute in float32
         a, b = a.float(), b.float()
-    if center:
-        a = a - a.mean(dim=1, keepdim=True)
-        b = b - b.mean(dim=1, keepdim=True)
-    floor = m * eps * eps  # sum of squares of a channel whose biased std is eps
-    a = a / a.pow(2).sum(dim=1, keepdim=True).clamp_min(floor).sqrt()
-    b = b / b.pow(2).sum(dim=1, keepdim=True).clamp_min(floor).sqrt()
-    return a @ b.t()
+    with torch.autocast(device_type=a.device.type, enabled=False):  # autocast would run the matmul in half
+        if center:
+            a = a - a.mean(dim=1, keepdim=True)
+            b = b - b.mean(dim=1, keepdim=True)
+        floor = m * eps * eps  # sum of squares of a channel whose biased std is eps
+        a = a / a.pow(2).sum(dim=1, keepdim=True).clamp_min(floor).sqrt()
+        b = b / b.pow(2).sum(dim=1, keepdim=True).clamp_min(floor).sqrt()
+        return a @ b.t()
 
 
 class BarlowTwinsPixelLoss(_Loss):

@@ -107,7 +107,7 @@ class FeatureConsistencyLoss(_Loss):
             dom: ``(B, C, *spatial_dom)`` dominant-branch bottleneck (input downsampled by ``scale``).
 
         Returns:
-            the L1 loss, reduced according to ``reduction``.
+            the L1 loss, reduced according to ``reduction`` (float32 for half precision inputs).
 
         Raises:
             ValueError: when the inputs are not ``(B, C, *spatial)`` with 1 to 3 spatial dimensions, differ in
@@ -135,6 +135,8 @@ class FeatureConsistencyLoss(_Loss):
                 aux = F.interpolate(aux, size=size, mode=mode, align_corners=align)
             else:
                 aux = F.interpolate(aux, scale_factor=factors, mode=mode, align_corners=align)
+        if aux.dtype in (torch.float16, torch.bfloat16) or dom.dtype in (torch.float16, torch.bfloat16):
+            aux, dom = aux.float(), dom.float()  # a half-precision sum or mean over many voxels loses digits
         diff = (aux - dom).abs()
         if self.reduction == LossReduction.MEAN.value:
             return diff.mean()

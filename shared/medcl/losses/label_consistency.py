@@ -198,7 +198,7 @@ class LabelConsistencyLoss(_Loss):
             d2: optional dataset id of each ``z2`` pixel, ``(N2,)``; give both or neither.
 
         Returns:
-            scalar loss.
+            scalar loss (float32 for half precision inputs; autocast is disabled for the similarities).
 
         Raises:
             ValueError: on inconsistent shapes, or when only one of ``d1``, ``d2`` is given.
@@ -219,10 +219,16 @@ class LabelConsistencyLoss(_Loss):
 
         positive, negative = label_relation(y1, y2, d1, d2, self.background, self.contrast_background_across_datasets)
         valid = positive | negative
-        zero = (z1.sum() + z2.sum()) * 0.0  # keeps the graph when nothing is valid
 
-        sim = F.normalize(z1, dim=1, eps=self.eps) @ F.normalize(z2, dim=1, eps=self.eps).t() / self.temperature
+        # the (N1, N2) similarities and their logsumexp run in float32 (half precision inputs promoted, autocast
+        # off): exp(s / tau) of fp16/bf16 similarities loses the small differences the contrast is made of
+        dtype = torch.float32 if z1.dtype in (torch.float16, torch.bfloat16) else z1.dtype
+        with torch.autocast(device_type=z1.device.type, enabled=False):
+            a = F.normalize(z1.to(dtype), dim=1, eps=self.eps)
+            b = F.normalize(z2.to(dtype), dim=1, eps=self.eps)
+            sim = a @ b.t() / self.temperature
         neg_inf = torch.finfo(sim.dtype).min
+        zero = sim.sum() * 0.0  # keeps the graph when nothing is valid
 
         if self.mode == "global":
             if not positive.any():
