@@ -45,4 +45,6 @@ def verify_metadata_offline(meta_file: str | os.PathLike) -> None:
         ValueError: naming the field that fails the schema (MONAI's message).
         monai.apps.utils.HashCheckError: :data:`META_SCHEMA` does not match :data:`META_SCHEMA_SHA256`.
     """
-    verify_metadata(meta_file=os.fspath(meta_file), filepath=META_SCHEMA, hash_val=META_SCHEMA_SHA256, hash_type="sha256")
+    verify_metadata(
+        meta_file=os.fspath(meta_file), filepath=META_SCHEMA, hash_val=META_SCHEMA_SHA256, hash_type="sha256"
+    )
