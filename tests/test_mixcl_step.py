@@ -88,20 +88,53 @@ def test_step_terms_and_weighted_total(network):
     assert terms["loss"].requires_grad
 
 
-def test_recon_term_is_mean_of_three_mse(network):
+def eq3(p, p_tilde):
+    """MixCL eq. 3, ||P - P~||^2, for each patch of the batch as a Python sum over its voxels; mean over the batch."""
+    per_patch = []
+    for b in range(p.shape[0]):
+        total = 0.0
+        for a, r in zip(p[b].reshape(-1).tolist(), p_tilde[b].reshape(-1).tolist(), strict=True):
+            total += (a - r) ** 2
+        per_patch.append(total)
+    return sum(per_patch) / len(per_patch)
+
+
+def test_recon_term_is_eq3_averaged_over_the_three_reconstructions(network):
     batch = make_batch(1)
     network.eval()
     try:
         terms = MixCLStep(num_per_class=R)(network, batch)
+        mean_terms = MixCLStep(num_per_class=R, recon_reduction="mean")(network, batch)
         recon = forward(network, batch)["recon"]
     finally:
         network.train()
     r1, r1p, r2 = recon[:B], recon[B : 2 * B], recon[2 * B :]
-    expected = (F.mse_loss(r1, batch["image"]) + F.mse_loss(r1p, batch["image"]) + F.mse_loss(r2, batch["image_2"])) / 3
-    torch.testing.assert_close(terms["loss_recon"], expected)
+    p1, p2 = batch["image"], batch["image_2"]
+    expected = (eq3(p1, r1) + eq3(p1, r1p) + eq3(p2, r2)) / 3
+    assert abs(float(terms["loss_recon"].detach()) - expected) <= 1e-4 * abs(expected)
     # V2 is reconstructed against P2, not P1
-    wrong = (F.mse_loss(r1, batch["image"]) + F.mse_loss(r1p, batch["image"]) + F.mse_loss(r2, batch["image"])) / 3
-    assert not torch.allclose(terms["loss_recon"], wrong)
+    wrong = (eq3(p1, r1) + eq3(p1, r1p) + eq3(p1, r2)) / 3
+    assert abs(float(terms["loss_recon"].detach()) - wrong) > 1e-3 * abs(expected)
+    # the "mean" option averages over the voxels as well (F.mse_loss)
+    expected_mean = (F.mse_loss(r1, p1) + F.mse_loss(r1p, p1) + F.mse_loss(r2, p2)) / 3
+    torch.testing.assert_close(mean_terms["loss_recon"], expected_mean)
+    torch.testing.assert_close(terms["loss_recon"] / p1[0].numel(), expected_mean, rtol=1e-4, atol=1e-6)
+
+
+def test_recon_gradient_matches_eq3():
+    """d/dP~ of eq. 3 averaged over the batch: 2 (P~ - P) / B, for each of the three reconstructions (/ 3)."""
+    step = MixCLStep(num_per_class=R)
+    p = torch.randn(2, 1, 4, 4, 4)
+    r = torch.randn(2, 1, 4, 4, 4, requires_grad=True)
+    step.recon_term(r, p).backward()
+    torch.testing.assert_close(r.grad, 2 * (r.detach() - p) / 2)
+
+
+def test_unknown_recon_reduction_and_distance_are_named():
+    with pytest.raises(MedclInputError, match="recon_reduction='avg'.*'sum', 'mean'"):
+        MixCLStep(recon_reduction="avg")
+    with pytest.raises(MedclInputError, match="boundary_distance='edge'.*'boundary', 'outside'"):
+        MixCLStep(boundary_distance="edge")
 
 
 def test_identity_term_is_barlow_twins_over_every_layer(network):

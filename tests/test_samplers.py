@@ -13,6 +13,7 @@ from scipy import stats
 from medcl.samplers.boundary_weighted import (
     BoundaryWeightedPixelSampler,
     boundary_distance_weights,
+    class_boundary,
     gather_pixel_features,
     labels_to_resolution,
     sample_class_pixels,
@@ -23,6 +24,33 @@ MU, EPS = 8.0, 0.05
 
 def w_of_d(d):
     return 0.5 * np.sqrt(d) * np.exp(-d / MU) + EPS
+
+
+def eq7_distance(label, spacing):
+    """MixCL eq. 7 read literally: D(i) = inf{ d(i, j) : j in boundary of S }, S the class of voxel i.
+
+    The boundary of S: voxels of S with a face neighbour (inside the array) of another class. Every voxel i is
+    compared with every boundary voxel j of its class (physical Euclidean distance); a boundary voxel is at
+    distance 0 from itself; a class without boundary voxels gets inf.
+    """
+    coords = [tuple(c) for c in np.argwhere(np.ones(label.shape, dtype=bool))]
+    steps = [tuple(s if a == k else 0 for a in range(label.ndim)) for k in range(label.ndim) for s in (-1, 1)]
+    sp = np.asarray(spacing, dtype=np.float64)
+
+    def on_boundary(v):
+        for s in steps:
+            n = tuple(a + b for a, b in zip(v, s, strict=True))
+            if all(0 <= x < m for x, m in zip(n, label.shape, strict=True)) and label[n] != label[v]:
+                return True
+        return False
+
+    boundary = {v for v in coords if on_boundary(v)}
+    out = np.full(label.shape, np.inf)
+    for v in coords:
+        same = [j for j in boundary if label[j] == label[v]]
+        if same:
+            out[v] = min(float(np.sqrt((((np.asarray(v) - np.asarray(j)) * sp) ** 2).sum())) for j in same)
+    return out
 
 
 def brute_force_distance(label, spacing):
@@ -61,19 +89,35 @@ def test_weights_match_brute_force_distance(shape, spacing):
     label[rng.random(shape) < 0.05] = 3
     w = boundary_distance_weights(torch.as_tensor(label)[None], mu=MU, eps=EPS, spacing=spacing)
     assert w.shape == (1, *shape) and w.dtype == torch.float32
-    expected = w_of_d(brute_force_distance(label, spacing))
-    np.testing.assert_allclose(w[0].numpy(), expected, rtol=1e-5)
-    # every voxel of every class can be drawn; border voxels (D = one voxel) have a large weight
+    d = eq7_distance(label, spacing)
+    np.testing.assert_allclose(w[0].numpy(), w_of_d(d), rtol=1e-5)
+    # every voxel of every class can be drawn; boundary voxels (D = 0) have weight eps
     assert (w > 0).all()
+    assert (d == 0).any() and np.allclose(w[0].numpy()[d == 0], EPS)
+    # the option kept from medcl < 0.2: distance to the nearest voxel of another class
+    w_out = boundary_distance_weights(torch.as_tensor(label)[None], mu=MU, eps=EPS, spacing=spacing, distance="outside")
+    np.testing.assert_allclose(w_out[0].numpy(), w_of_d(brute_force_distance(label, spacing)), rtol=1e-5)
+
+
+def test_class_boundary_ignores_the_patch_edge():
+    mask = torch.zeros(5, 6, dtype=torch.bool)
+    mask[:, :3] = True  # touches the top, bottom and left edges; its only boundary is column 2
+    b = class_boundary(mask)
+    assert b[:, 2].all() and not b[:, :2].any() and not b[:, 3:].any()
+    assert not class_boundary(torch.ones(3, 4, 5, dtype=torch.bool)).any()
 
 
 def test_weights_profile_on_square():
     label = torch.zeros(1, 21, 21, dtype=torch.long)
     label[0, 3:18, 3:18] = 1  # 15 x 15 square, centre at D = 8
     w = boundary_distance_weights(label)[0]
-    row = w[10, 3:11].numpy()  # from the border (D = 1) to the centre (D = 8)
-    np.testing.assert_allclose(row, w_of_d(np.arange(1, 9)), rtol=1e-6)
-    assert int(np.argmax(row)) + 1 == 4  # W peaks at D = mu / 2
+    row = w[10, 3:11].numpy()  # from the boundary (D = 0) to the centre (D = 7)
+    np.testing.assert_allclose(row, w_of_d(np.arange(0, 8)), rtol=1e-6)
+    assert int(np.argmax(row)) == 4  # W peaks at D = mu / 2
+    w_out = boundary_distance_weights(label, distance="outside")[0]
+    np.testing.assert_allclose(w_out[10, 3:11].numpy(), w_of_d(np.arange(1, 9)), rtol=1e-6)
+    with pytest.raises(ValueError, match="distance"):
+        boundary_distance_weights(label, distance="edge")
 
 
 def test_weights_class_filling_patch_restricted_classes_and_batch_axis():

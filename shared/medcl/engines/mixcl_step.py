@@ -26,8 +26,11 @@ forward for DDP), then:
   :class:`~medcl.samplers.boundary_weighted.BoundaryWeightedPixelSampler` (``r`` per class present, probability
   ``∝ W = ½ √D exp(−D/μ) + ε`` at the feature resolution), with the item's dataset id so that classes of
   different pooled datasets never match and background is not contrasted across datasets;
-- ``L_recon`` (eq. 3): mean squared error between each reconstruction and its clean patch (``P1`` for ``V1`` and
-  ``V1'``, ``P2`` for ``V2``), averaged over voxels and over the three reconstructions.
+- ``L_recon`` (eq. 3, ``||P_i - P~_i||^2``): the squared error between each reconstruction and its clean patch
+  (``P1`` for ``V1`` and ``V1'``, ``P2`` for ``V2``) summed over channels and voxels, averaged over the batch and
+  the three reconstructions (``recon_reduction="sum"``, default). ``recon_reduction="mean"`` averages over voxels
+  too (``F.mse_loss``, medcl before 0.2): that is ``1 / (C * H * W * D)`` of eq. 3 (``1 / 96^3`` at the paper's
+  patch), so ``beta = 0.01`` then leaves the term almost without effect.
 """
 
 from __future__ import annotations
@@ -42,12 +45,13 @@ from torch import nn
 from medcl.errors import MedclInputError
 from medcl.losses.barlow_twins_pixel import BarlowTwinsPixelLoss
 from medcl.losses.label_consistency import LabelConsistencyLoss
-from medcl.samplers.boundary_weighted import BoundaryWeightedPixelSampler, gather_pixel_features
+from medcl.samplers.boundary_weighted import DISTANCES, BoundaryWeightedPixelSampler, gather_pixel_features
 
-__all__ = ["MIXCL_VIEW_KEYS", "MixCLStep"]
+__all__ = ["MIXCL_VIEW_KEYS", "RECON_REDUCTIONS", "MixCLStep"]
 
 #: Batch keys of the views ``V1, V1', V2``, the clean patches ``P1, P2`` and the labels ``S1, S2``.
 MIXCL_VIEW_KEYS = ("view_1", "view_1p", "view_2")
+RECON_REDUCTIONS = ("sum", "mean")
 
 
 class MixCLStep:
@@ -79,10 +83,16 @@ class MixCLStep:
         contrast_background_across_datasets: make background of dataset A vs foreground of B a negative pair.
             Defaults to False (the paper: background is not contrasted across datasets).
         resize_mode: how labels reach the feature grid (``"nearest"`` or ``"nearest-exact"``).
+        recon_reduction: ``"sum"`` (eq. 3: sum over voxels, mean over the batch; default) or ``"mean"`` (mean
+            over voxels as well).
+        boundary_distance: ``D`` of the weight map: ``"boundary"`` (eq. 7: distance to the class boundary,
+            0 on it; default) or ``"outside"`` (distance to the nearest voxel outside the class, medcl before
+            0.2), see :func:`~medcl.samplers.boundary_weighted.boundary_distance_weights`.
         view_keys, target_keys, label_keys, dataset_key: batch keys.
 
     Raises:
-        MedclInputError: for a negative weight or bad key lists.
+        MedclInputError: for a negative weight, bad key lists, or an unknown ``recon_reduction`` /
+            ``boundary_distance``.
     """
 
     def __init__(
@@ -100,6 +110,8 @@ class MixCLStep:
         label_mode: str = "global",
         contrast_background_across_datasets: bool = False,
         resize_mode: str = "nearest",
+        recon_reduction: str = "sum",
+        boundary_distance: str = "boundary",
         view_keys: Sequence[str] = MIXCL_VIEW_KEYS,
         target_keys: Sequence[str] = ("image", "image_2"),
         label_keys: Sequence[str] = ("label", "label_2"),
@@ -115,6 +127,18 @@ class MixCLStep:
                 "view_keys must name 3 views (V1, V1', V2), target_keys 2 patches (P1, P2), label_keys 2 labels "
                 f"(S1, S2); got {self.view_keys}, {self.target_keys}, {self.label_keys}."
             )
+        if recon_reduction not in RECON_REDUCTIONS:
+            raise MedclInputError(
+                f"recon_reduction={recon_reduction!r} is not one of {list(RECON_REDUCTIONS)}: 'sum' is eq. 3 of the "
+                "paper (sum over voxels), 'mean' averages over voxels too (e.g. --recon_reduction sum)."
+            )
+        if boundary_distance not in DISTANCES:
+            raise MedclInputError(
+                f"boundary_distance={boundary_distance!r} is not one of {list(DISTANCES)}: 'boundary' is eq. 7 "
+                "(distance to the class boundary), 'outside' the distance to the nearest voxel outside the class "
+                "(e.g. --boundary_distance boundary)."
+            )
+        self.recon_reduction = recon_reduction
         self.weight_id, self.alpha, self.beta = float(weight_id), float(alpha), float(beta)
         self.label_layer = int(label_layer)
         self.dataset_key = dataset_key
@@ -125,8 +149,28 @@ class MixCLStep:
             contrast_background_across_datasets=contrast_background_across_datasets,
         )
         self.sampler = BoundaryWeightedPixelSampler(
-            num_per_class, mu=mu, eps=eps, background_samples=background_samples, resize_mode=resize_mode
+            num_per_class,
+            mu=mu,
+            eps=eps,
+            background_samples=background_samples,
+            resize_mode=resize_mode,
+            distance=boundary_distance,
         )
+
+    def recon_term(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        L_recon of one reconstruction (eq. 3): ``||P - P~||^2`` per patch, averaged over the batch.
+
+        Args:
+            recon: ``(B, C, *S)`` reconstruction ``P~``.
+            target: ``(B, C, *S)`` clean patch ``P``.
+
+        Returns:
+            0-dim tensor; with ``recon_reduction="mean"`` the mean over every element instead.
+        """
+        if self.recon_reduction == "mean":
+            return F.mse_loss(recon, target)
+        return (recon - target).pow(2).flatten(1).sum(1).mean()
 
     def label_term(
         self, z1: torch.Tensor, s1: torch.Tensor, z2: torch.Tensor, s2: torch.Tensor, dataset_ids: torch.Tensor | None
@@ -181,6 +225,6 @@ class MixCLStep:
         zl = z[self.label_layer]
         l_label = self.label_term(zl[0], s1, zl[2], s2, ids)
         r1, r1p, r2 = out["recon"].split(n, dim=0)
-        l_recon = (F.mse_loss(r1, p1) + F.mse_loss(r1p, p1) + F.mse_loss(r2, p2)) / 3.0
+        l_recon = (self.recon_term(r1, p1) + self.recon_term(r1p, p1) + self.recon_term(r2, p2)) / 3.0
         total = self.weight_id * l_id + self.alpha * l_label + self.beta * l_recon
         return {"loss": total, "loss_id": l_id, "loss_label": l_label, "loss_recon": l_recon}

@@ -30,7 +30,9 @@ from monai.utils import convert_to_tensor
 
 __all__ = [
     "BoundaryWeightedPixelSampler",
+    "DISTANCES",
     "boundary_distance_weights",
+    "class_boundary",
     "gather_pixel_features",
     "labels_to_resolution",
     "sample_class_pixels",
@@ -45,27 +47,60 @@ def _as_label_tensor(label: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t.long()
 
 
+DISTANCES = ("boundary", "outside")
+
+
+def class_boundary(mask: torch.Tensor) -> torch.Tensor:
+    """
+    The boundary ``∂S`` of a class mask: voxels of the mask with at least one face neighbour outside it.
+
+    Neighbours beyond the array's edge do not count (the patch edge is not a class boundary).
+
+    Args:
+        mask: boolean ``(*spatial)`` mask, 1 to 3 dimensions.
+
+    Returns:
+        boolean tensor of the shape of ``mask``.
+    """
+    outside = ~mask
+    touches = torch.zeros_like(mask)
+    for axis in range(mask.ndim):
+        n = mask.shape[axis]
+        if n < 2:
+            continue
+        lo, hi = outside.narrow(axis, 0, n - 1), outside.narrow(axis, 1, n - 1)
+        touches.narrow(axis, 1, n - 1).logical_or_(lo)  # neighbour at index - 1 is outside
+        touches.narrow(axis, 0, n - 1).logical_or_(hi)  # neighbour at index + 1 is outside
+    return mask & touches
+
+
 def boundary_distance_weights(
     label: torch.Tensor | np.ndarray,
     mu: float = 8.0,
     eps: float = 0.05,
     classes: Sequence[int] | None = None,
     spacing: float | Sequence[float] | None = None,
+    distance: str = "boundary",
 ) -> torch.Tensor:
     """
     Boundary-distance weight map of MixCL (eq. 7, Fig. 2b), computed class by class:
 
     .. math::
-        D(i) = \\min_{j \\notin S} d(i, j),\\ i \\in S,
-        \\qquad W(i) = \\tfrac{1}{2}\\sqrt{D(i)}\\,\\exp(-D(i)/\\mu) + \\epsilon
+        D(i) = \\inf\\{d(i, j) : j \\in \\partial S\\},\\ i \\in S,
+        \\qquad W(i) = \\tfrac{1}{2}\\sqrt{D(i)}\\,\\exp(-D(i)/\\mu) + \\epsilon        \\qquad (7)
 
-    ``S`` is the set of voxels of the pixel's own class and ``D`` the Euclidean distance transform of the
-    class mask (MONAI's ``distance_transform_edt``: scipy on CPU, cuCIM on GPU when available), i.e. the
-    distance to the nearest voxel outside the class, in voxels or, with ``spacing``, in physical units
-    (then ``mu`` is in the same units). The outermost voxels of a class have ``D = 1`` (one voxel), ``W``
-    peaks at ``D = mu / 2`` and decays inside; ``W >= eps > 0`` on every voxel of the class, so border
-    voxels can still be drawn. The patch edge is not a boundary (the class continues outside the crop); a
-    class that fills the whole patch has no boundary, ``D = inf`` and ``W = eps`` (uniform).
+    ``S`` is the set of voxels of the pixel's own class and ``∂S`` its boundary: the voxels of ``S`` with at
+    least one face neighbour (4 in 2D, 6 in 3D) outside ``S``. ``D`` is the Euclidean distance to the nearest
+    boundary voxel (MONAI's ``distance_transform_edt`` of the non-boundary mask: scipy on CPU, cuCIM on GPU when
+    available), in voxels or, with ``spacing``, in physical units (then ``mu`` is in the same units). Boundary
+    voxels have ``D = 0`` and weight ``eps``; ``W`` peaks at ``D = mu / 2`` and decays inside; ``W >= eps > 0``
+    on every voxel of the class, so boundary voxels can still be drawn. The patch edge is not a boundary (the
+    class continues outside the crop); a class that fills the whole patch has no boundary, ``D = inf`` and
+    ``W = eps`` (uniform).
+
+    ``distance="outside"`` is the variant used by medcl before 0.2: ``D`` is the distance to the nearest voxel
+    outside the class (the class mask's distance transform), so the outermost voxels have ``D = 1`` instead of
+    0 and every distance is about one voxel larger.
 
     Args:
         label: integer label map ``(L, *spatial)``: the leading axis is a channel (1) or a batch axis (B);
@@ -74,18 +109,22 @@ def boundary_distance_weights(
         eps: offset ``epsilon`` (default 0.05).
         classes: the classes to weight; others get weight 0. None: every label value present.
         spacing: voxel spacing per spatial axis (or one number) for anisotropic distances; None: 1.
+        distance: ``"boundary"`` (eq. 7, default) or ``"outside"`` (see above).
 
     Returns:
         float32 tensor of the shape of ``label`` (on ``label``'s device).
 
     Raises:
-        ValueError: when ``label`` has fewer than 3 or more than 4 dimensions, or ``mu <= 0``, ``eps < 0``.
+        ValueError: when ``label`` has fewer than 3 or more than 4 dimensions, ``mu <= 0``, ``eps < 0``, or
+            ``distance`` is unknown.
     """
     lab = _as_label_tensor(label)
     if lab.ndim not in (3, 4):
         raise ValueError(f"label must be (1|B, H, W[, D]), got shape {tuple(lab.shape)}.")
     if mu <= 0 or eps < 0:
         raise ValueError(f"need mu > 0 and eps >= 0, got mu={mu}, eps={eps}.")
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}.")
     sampling = None if spacing is None else (float(spacing) if np.isscalar(spacing) else [float(s) for s in spacing])
 
     out = torch.zeros(lab.shape, dtype=torch.float32, device=lab.device)
@@ -98,8 +137,10 @@ def boundary_distance_weights(
             if bool(mask.all()):
                 dist = torch.full(mask.shape, float("inf"), dtype=torch.float64, device=lab.device)
             else:
-                # MONAI wants channel-first (C, H, W[, D]); distances to the nearest 0 (outside the class)
-                dist = torch.as_tensor(distance_transform_edt(mask[None].to(torch.uint8), sampling=sampling))[0]
+                # MONAI wants channel-first (C, H, W[, D]); the transform gives distances to the nearest 0, i.e. to
+                # the nearest boundary voxel (eq. 7) or to the nearest voxel outside the class ("outside")
+                source = ~class_boundary(mask) if distance == "boundary" else mask
+                dist = torch.as_tensor(distance_transform_edt(source[None].to(torch.uint8), sampling=sampling))[0]
                 dist = dist.to(device=lab.device, dtype=torch.float64)
             d = dist[mask]
             w = torch.where(torch.isinf(d), torch.zeros_like(d), 0.5 * d.sqrt() * torch.exp(-d / mu)) + eps
@@ -257,6 +298,7 @@ class BoundaryWeightedPixelSampler:
         spacing: float | Sequence[float] | None = None,
         replacement_if_short: bool = True,
         resize_mode: str = "nearest",
+        distance: str = "boundary",
     ) -> None:
         """
         Args:
@@ -269,6 +311,11 @@ class BoundaryWeightedPixelSampler:
             spacing: voxel spacing at the sampled resolution for anisotropic distances.
             replacement_if_short: see :func:`sample_class_pixels`.
             resize_mode: nearest-neighbour rule of :func:`labels_to_resolution`.
+            distance: ``D`` of the weight map, ``"boundary"`` (eq. 7, default) or ``"outside"``, see
+                :func:`boundary_distance_weights`.
+
+        Raises:
+            ValueError: for a negative budget or an unknown ``distance``.
         """
         if num_per_class < 0 or (background_samples is not None and background_samples < 0):
             raise ValueError("sample budgets must be non-negative.")
@@ -281,6 +328,9 @@ class BoundaryWeightedPixelSampler:
         self.spacing = spacing
         self.replacement_if_short = replacement_if_short
         self.resize_mode = resize_mode
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}.")
+        self.distance = distance
 
     def __call__(
         self,
@@ -321,7 +371,12 @@ class BoundaryWeightedPixelSampler:
             if not groups:
                 continue
             weights = boundary_distance_weights(
-                item, mu=self.mu, eps=self.eps, classes=[c for cl, _ in groups for c in cl], spacing=self.spacing
+                item,
+                mu=self.mu,
+                eps=self.eps,
+                classes=[c for cl, _ in groups for c in cl],
+                spacing=self.spacing,
+                distance=self.distance,
             )
             for cl, r in groups:
                 idx, y = sample_class_pixels(
