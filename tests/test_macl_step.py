@@ -98,11 +98,12 @@ def make_batch(seed: int = 0, b: int = 4, dims: int = 2) -> dict[str, torch.Tens
     return batch
 
 
-def reference_terms(out: dict, positions: torch.Tensor, base_temperature=None) -> tuple:
+def reference_terms(out: dict, positions: torch.Tensor, base_temperature=0.07, form="code", er="mean") -> tuple:
     """L_g, L_d, L_ER with the library's loss modules, computed by hand from the model outputs."""
-    l_g = PositionalSupConLoss(0.1, 0.1, base_temperature)(torch.stack([out["z_g_aux"], out["z_g_dom"]], 1), positions)
-    l_d = DenseSupConLoss(0.1, 0.1, base_temperature)(out["z_l_aux"], out["z_l_dom"], positions)
-    l_er = FeatureConsistencyLoss(scale=0.25)(out["bottleneck_aux"], out["bottleneck_dom"])
+    z_g = torch.stack([out["z_g_dom"], out["z_g_aux"]], 1)  # view 0: dominant (the anchors of eq. 9)
+    l_g = PositionalSupConLoss(0.1, 0.1, base_temperature, form=form)(z_g, positions)
+    l_d = DenseSupConLoss(0.1, 0.1, base_temperature, form=form)(out["z_l_aux"], out["z_l_dom"], positions)
+    l_er = FeatureConsistencyLoss(scale=0.25, reduction=er)(out["bottleneck_aux"], out["bottleneck_dom"])
     return l_g, l_d, l_er
 
 
@@ -152,8 +153,18 @@ def test_step_weights_base_temperature_and_two_views():
     l_g, l_d, l_er = reference_terms(out, batch["position"], base_temperature=0.07)
     torch.testing.assert_close(terms["loss"], 2.0 * l_g + 3.0 * l_er)
     torch.testing.assert_close(terms["loss_d"], l_d)  # still computed (and logged) at weight 0
-    plain = reference_terms(out, batch["position"])
+    plain = reference_terms(out, batch["position"], base_temperature=None)
     torch.testing.assert_close(terms["loss_g"], plain[0] * (0.1 / 0.07))
+    # the default is the code's 0.07; None is the paper's unscaled form
+    default = MACLStep()(net, batch)
+    torch.testing.assert_close(default["loss_g"], plain[0] / 0.7)
+    torch.testing.assert_close(default["loss_d"], plain[1] / 0.7)
+    unscaled = MACLStep(base_temperature=None)(net, batch)
+    torch.testing.assert_close(unscaled["loss_g"], plain[0])
+    torch.testing.assert_close(unscaled["loss_d"], plain[1])
+    torch.testing.assert_close(unscaled["loss_er"], default["loss_er"])  # L_ER is not rescaled: the balance moves
+    scaled_supcon = (default["loss"] - default["loss_er"]).item()
+    assert scaled_supcon == pytest.approx((unscaled["loss"] - unscaled["loss_er"]).item() / 0.7)
 
     two = MACLStep(view_keys=VIEW_KEYS[:2])(net, batch)
     out2 = net(batch["view_i1"], batch["view_i2"])
@@ -171,6 +182,12 @@ def test_step_errors_name_the_problem():
         MACLStep(view_keys=["a", "b", "c"])
     with pytest.raises(MedclInputError, match="non-negative"):
         MACLStep(weight_d=-1.0)
+    with pytest.raises(MedclInputError, match=r"\['code', 'paper'\], got 'papr'"):
+        MACLStep(supcon_form="papr")
+    with pytest.raises(MedclInputError, match=r"er_reduction must be one of \['mean', 'sum'\]"):
+        MACLStep(er_reduction="avg")
+    with pytest.raises(MedclInputError, match=r"pixel_positives must be one of \['position', 'sample'\]"):
+        MACLStep(pixel_positives="positon")
     with pytest.raises(ValueError, match="both spatial views"):
         net(batch["view_i1"], batch["view_i2"], batch["view_v1"])
 
@@ -326,7 +343,7 @@ def _views(dims: int, samples: int, **overrides) -> Compose:
     parser = ConfigParser()
     parser.read_config(str(PRETRAIN))
     parser.update({"spatial_dims": dims, "samples_per_volume": samples, **overrides})
-    views = Compose(parser.get_parsed_content("views#transforms"))
+    views = Compose(parser.get_parsed_content("view_transforms#transforms"))
     views.set_random_state(seed=0)
     return views
 
@@ -336,7 +353,7 @@ def test_views_differ_and_keep_the_position_of_their_slice():
     rng = np.random.default_rng(0)
     # independent slices, exactly the in-plane patch size: each sample is one whole slice
     volume = torch.as_tensor(rng.random((1, 64, 64, depth)), dtype=torch.float32)
-    samples = _views(2, samples=4)({"image": MetaTensor(volume)})
+    samples = _views(2, samples=4, views="code")({"image": MetaTensor(volume)})
     assert len(samples) == 4
     padded = samples[0]["image"].shape[1:]  # in-plane patch, (64, 64)
     assert tuple(padded) == (64, 64)

@@ -49,10 +49,15 @@ from medcl.data.views import VIEW_KEYS
 from medcl.errors import MedclInputError
 from medcl.losses.dense_supcon import DenseSupConLoss
 from medcl.losses.feature_consistency import FeatureConsistencyLoss
-from medcl.losses.supcon import PositionalSupConLoss
+from medcl.losses.supcon import PositionalSupConLoss, check_form
 from medcl.networks.macl import MACLPretrainModel
 
-__all__ = ["MACLStep", "MACLViewsModel"]
+__all__ = ["ER_REDUCTIONS", "MACLStep", "MACLViewsModel", "PIXEL_POSITIVES"]
+
+#: L_ER reductions: the public code's mean absolute difference, or eq. 11's L1 norm (a sum).
+ER_REDUCTIONS = ("mean", "sum")
+#: L_d positives: by slice position (the public code) or the same sample only.
+PIXEL_POSITIVES = ("position", "sample")
 
 _PIXEL_KEYS = ("z_l_aux", "z_l_dom", "bottleneck_aux", "bottleneck_dom")
 _IMAGE_KEYS = ("z_g_aux", "z_g_dom")
@@ -119,11 +124,14 @@ class MACLStep:
 
         L = w_g L_g + w_d L_d + w_{er} L_{ER}
 
-    - :math:`L_g` = ``PositionalSupConLoss(temperature, position_threshold, base_temperature)`` on
-      ``stack([z_g_aux, z_g_dom], 1)`` ``(B, 2, proj_dim)`` with the batch's positions;
-    - :math:`L_d` = ``DenseSupConLoss(temperature, position_threshold, base_temperature, pixel_positives)`` between
-      ``z_l_aux`` and ``z_l_dom`` ``(B, C, *s)``, one SupCon problem per location, all locations at once;
-    - :math:`L_{ER}` = ``FeatureConsistencyLoss(scale)`` between ``bottleneck_aux`` and ``bottleneck_dom``.
+    - :math:`L_g` = ``PositionalSupConLoss(temperature, position_threshold, base_temperature, supcon_form)`` on
+      ``stack([z_g_dom, z_g_aux], 1)`` ``(B, 2, proj_dim)`` (view 0 dominant: the anchors of the paper's eq. 9) with
+      the batch's positions;
+    - :math:`L_d` = ``DenseSupConLoss(temperature, position_threshold, base_temperature, pixel_positives,
+      supcon_form)`` between ``z_l_aux`` and ``z_l_dom`` ``(B, C, *s)``, one SupCon problem per location, all
+      locations at once;
+    - :math:`L_{ER}` = ``FeatureConsistencyLoss(scale, reduction=er_reduction)`` between ``bottleneck_aux`` and
+      ``bottleneck_dom``.
 
     ``network`` is a :class:`MACLViewsModel` (or ``DistributedDataParallel`` around one); it is called once with the
     views ``batch[k] for k in view_keys``: four keys ``(I1, I2, V1, V2)`` (the public code: intensity pair for L_d
@@ -137,32 +145,41 @@ class MACLStep:
     Args:
         temperature: SupCon temperature of L_g and L_d. Defaults to 0.1.
         position_threshold: positions closer than this are positives (PCL rule). Defaults to 0.1.
-        base_temperature: None (default) or the public code's 0.07, which multiplies both SupCon terms by
-            ``temperature / base_temperature``.
+        base_temperature: the public code's 0.07 (default), which multiplies both SupCon terms by
+            ``temperature / base_temperature`` (1 / 0.7 at ``temperature`` 0.1, so L_g and L_d weigh 1.43 times more
+            against L_ER), or None for the paper's unscaled eq. 9-10.
         weight_g: weight of L_g. Defaults to 1.0.
         weight_d: weight of L_d (the public ``--alpha``). Defaults to 0.5.
         weight_er: weight of L_ER (the public ``--alpha_ER``). Defaults to 1.0.
         scale: downsampling of the dominant branch (must equal the model's ``scale``). Defaults to 0.25.
         pixel_positives: ``"position"`` (public code) or ``"sample"`` positives of L_d, see
             :class:`~medcl.losses.dense_supcon.DenseSupConLoss`.
+        supcon_form: ``"code"`` (default, the public code: all vectors of both branches are anchors and
+            candidates, mean over anchors) or ``"paper"`` (eq. 9-10 as printed: dominant anchors against auxiliary
+            candidates, sum over anchors); see :class:`~medcl.losses.supcon.PositionalSupConLoss`.
+        er_reduction: ``"mean"`` (default, the public code's ``nn.L1Loss()``) or ``"sum"`` (eq. 11's
+            :math:`\\|Y - down(\\tilde Y)\\|_1`, summed over every element of the batch).
         view_keys: batch keys of the views: ``(I1, I2, V1, V2)`` or ``(I1, I2)``. Defaults to
             :data:`medcl.data.views.VIEW_KEYS`.
         position_key: batch key of the positions. Defaults to ``"position"``.
 
     Raises:
-        MedclInputError: for a number of view keys other than 2 or 4, or a negative weight.
+        MedclInputError: for a number of view keys other than 2 or 4, a negative weight, or a ``supcon_form`` /
+            ``er_reduction`` / ``pixel_positives`` outside its allowed values (the message names them).
     """
 
     def __init__(
         self,
         temperature: float = 0.1,
         position_threshold: float = 0.1,
-        base_temperature: float | None = None,
+        base_temperature: float | None = 0.07,
         weight_g: float = 1.0,
         weight_d: float = 0.5,
         weight_er: float = 1.0,
         scale: float = 0.25,
         pixel_positives: str = "position",
+        supcon_form: str = "code",
+        er_reduction: str = "mean",
         view_keys: Sequence[str] = VIEW_KEYS,
         position_key: str = "position",
     ) -> None:
@@ -174,10 +191,17 @@ class MACLStep:
         if negative:
             raise MedclInputError(f"loss weights must be non-negative, got {negative}.")
         self.weight_g, self.weight_d, self.weight_er = float(weight_g), float(weight_d), float(weight_er)
+        choices = {"pixel_positives": (pixel_positives, PIXEL_POSITIVES), "er_reduction": (er_reduction, ER_REDUCTIONS)}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise MedclInputError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+        check_form(supcon_form)
         self.position_key = position_key
-        self.loss_g = PositionalSupConLoss(temperature, position_threshold, base_temperature)
-        self.loss_d = DenseSupConLoss(temperature, position_threshold, base_temperature, positives=pixel_positives)
-        self.loss_er = FeatureConsistencyLoss(scale=scale)
+        self.loss_g = PositionalSupConLoss(temperature, position_threshold, base_temperature, form=supcon_form)
+        self.loss_d = DenseSupConLoss(
+            temperature, position_threshold, base_temperature, positives=pixel_positives, form=supcon_form
+        )
+        self.loss_er = FeatureConsistencyLoss(scale=scale, reduction=er_reduction)
 
     def losses(self, outputs: Mapping[str, torch.Tensor], positions: torch.Tensor) -> dict[str, torch.Tensor]:
         """
@@ -191,7 +215,7 @@ class MACLStep:
         Returns:
             ``{"loss": total, "loss_g": L_g, "loss_d": L_d, "loss_er": L_ER}`` (0-dim tensors).
         """
-        l_g = self.loss_g(torch.stack([outputs["z_g_aux"], outputs["z_g_dom"]], dim=1), positions)
+        l_g = self.loss_g(torch.stack([outputs["z_g_dom"], outputs["z_g_aux"]], dim=1), positions)
         l_d = self.loss_d(outputs["z_l_aux"], outputs["z_l_dom"], positions)
         l_er = self.loss_er(outputs["bottleneck_aux"], outputs["bottleneck_dom"])
         total = self.weight_g * l_g + self.weight_d * l_d + self.weight_er * l_er

@@ -14,7 +14,13 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.loss import _Loss
 
-from medcl.losses.supcon import _check_temperatures, positional_positive_mask, supcon_loss
+from medcl.losses.supcon import (
+    _check_temperatures,
+    check_form,
+    cross_supcon_loss,
+    positional_positive_mask,
+    supcon_loss,
+)
 
 __all__ = ["DenseSupConLoss"]
 
@@ -41,6 +47,20 @@ class DenseSupConLoss(_Loss):
     - ``"sample"``: only the other branch of the same sample (SimCLR-style; also what the public code's
       loss does when called without labels).
 
+    ``form="paper"`` is MACL's eq. 10 as printed: at each location the dominant vectors :math:`Z^l_{i,s}` are the
+    anchors and the auxiliary vectors :math:`\\tilde Z^l_{k,s}` the only candidates (no same-branch pairs), the
+    anchor's own auxiliary vector is a positive (``j = i``) but left out of the denominator, and the anchors are
+    **summed**:
+
+    .. math::
+
+        L_d = \\sum_{i=1}^{B} -\\frac{1}{|\\Omega^+_i|} \\sum_{j \\in \\Omega^+_i} \\frac{1}{|S|} \\sum_{s \\in S}
+            \\log \\frac{\\exp(s(Z^l_{i,s}, \\tilde Z^l_{j,s}) / \\tau)}
+            {\\sum_{k} \\mathbb{1}_{i \\neq k} \\exp(s(Z^l_{i,s}, \\tilde Z^l_{k,s}) / \\tau)}
+
+    with :math:`\\Omega^+_i` the positives of the ``positives`` rule (``"position"``: :math:`|\\pi_i - \\pi_j| <
+    \\delta`, ``j = i`` included; ``"sample"``: ``{i}``). Needs ``B >= 2``.
+
     The loss is computed for all locations at once: one batched ``(S, 2B, C) x (S, C, 2B)`` matmul, memory
     :math:`O(S \\cdot (2B)^2 + S \\cdot 2B \\cdot C)`, no loop over locations. It shares its math with
     :class:`medcl.losses.supcon.SupConLoss` (:func:`medcl.losses.supcon.supcon_loss`); locations where no
@@ -59,6 +79,7 @@ class DenseSupConLoss(_Loss):
         threshold: float = 0.1,
         base_temperature: float | None = None,
         positives: str = "position",
+        form: str = "code",
     ) -> None:
         """
         Args:
@@ -68,9 +89,12 @@ class DenseSupConLoss(_Loss):
             base_temperature: if set, the loss is multiplied by ``temperature / base_temperature`` (0.07 in
                 the public code). Defaults to None (no scaling).
             positives: ``"position"`` (default, public code's behaviour) or ``"sample"``, see above.
+            form: ``"code"`` (default: the 2B vectors of both branches are anchors and candidates, mean over
+                anchors, as the public code) or ``"paper"`` (eq. 10 as printed, see above).
 
         Raises:
             ValueError: for a non-positive temperature, a negative threshold or an unknown ``positives``.
+            MedclInputError: for a ``form`` other than ``"code"``/``"paper"``.
         """
         super().__init__()
         _check_temperatures(temperature, base_temperature)
@@ -82,6 +106,7 @@ class DenseSupConLoss(_Loss):
         self.threshold = float(threshold)
         self.base_temperature = None if base_temperature is None else float(base_temperature)
         self.positives = positives
+        self.form = check_form(form)
 
     def positive_mask(self, batch_size: int, positions: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """``(2B, 2B)`` boolean mask over ``[aux_0..aux_{B-1}, dom_0..dom_{B-1}]`` (diagonal ignored by the loss)."""
@@ -112,6 +137,17 @@ class DenseSupConLoss(_Loss):
         b = aux.shape[0]
         if positions is not None and positions.numel() != b:
             raise ValueError(f"positions must have {b} elements (one per sample), got shape {tuple(positions.shape)}.")
+        if self.form == "paper":
+            if b < 2:
+                raise ValueError(f"form='paper' needs B >= 2 samples (a k != i in the denominator), got B={b}.")
+            # anchors: dominant vectors, candidates: auxiliary vectors; (B, C, S) -> (S, B, C)
+            anchors = dom.flatten(2).permute(2, 0, 1).contiguous()
+            candidates = aux.flatten(2).permute(2, 0, 1).contiguous()
+            if self.positives == "position" and positions is not None:
+                mask = positional_positive_mask(positions.to(aux.device), self.threshold)
+            else:
+                mask = torch.eye(b, dtype=torch.bool, device=aux.device)
+            return cross_supcon_loss(anchors, candidates, mask, self.temperature, self.base_temperature)
         # (2B, C, S) -> (S, 2B, C): S independent problems of 2B vectors; one contiguous copy makes the
         # normalisation and the batched matmul in the core fast
         feats = torch.cat([aux, dom], dim=0).flatten(2).permute(2, 0, 1).contiguous()

@@ -12,8 +12,11 @@
 The module exposes two loss classes and the shared, batched math they (and
 :class:`medcl.losses.dense_supcon.DenseSupConLoss`) are built on:
 
-- :func:`supcon_anchor_losses`: per-anchor SupCon terms for a batch of independent problems.
+- :func:`supcon_anchor_losses`: per-anchor SupCon terms for a batch of independent problems (all vectors are
+  anchors and candidates: the public SupCon / PCL / MACL code, ``contrast_mode='all'``).
 - :func:`supcon_loss`: the scalar reduction (mean over anchors with a positive, then over problems).
+- :func:`cross_supcon_anchor_losses` / :func:`cross_supcon_loss`: the cross-branch form of MACL's eq. 9-10 as
+  printed (anchors from one branch, candidates from the other, sum over anchors).
 - :func:`positional_positive_mask`: the PCL rule ``|p_i - p_j| < threshold``.
 """
 
@@ -22,13 +25,31 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.loss import _Loss
 
+from medcl.errors import MedclInputError
+
 __all__ = [
+    "SUPCON_FORMS",
     "SupConLoss",
     "PositionalSupConLoss",
+    "check_form",
+    "cross_supcon_anchor_losses",
+    "cross_supcon_loss",
     "supcon_anchor_losses",
     "supcon_loss",
     "positional_positive_mask",
 ]
+
+#: How MACL's SupCon terms (L_g, L_d) are formed: ``"code"`` (the public code: all 2N vectors of both branches are
+#: anchors and candidates, mean over anchors) or ``"paper"`` (eq. 9-10 as printed: dominant anchors against
+#: auxiliary candidates, sum over anchors).
+SUPCON_FORMS = ("code", "paper")
+
+
+def check_form(form: str) -> str:
+    """``form`` if it is one of :data:`SUPCON_FORMS`, else :class:`~medcl.errors.MedclInputError` naming them."""
+    if form not in SUPCON_FORMS:
+        raise MedclInputError(f"SupCon form must be one of {list(SUPCON_FORMS)}, got {form!r}.")
+    return form
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -124,6 +145,97 @@ def supcon_loss(
     per_problem = losses.sum(-1) / n_anchors.clamp_min(1)
     n_problems = (n_anchors > 0).sum()
     loss = per_problem.sum() / n_problems.clamp_min(1)
+    if base_temperature is not None:
+        loss = loss * (temperature / base_temperature)
+    return loss
+
+
+def _cosine_logits(anchors: torch.Tensor, candidates: torch.Tensor, temperature: float, eps: float) -> torch.Tensor:
+    """``(*, M, K)`` cosine similarities / temperature (F.normalize's ``eps`` convention)."""
+    a = anchors * (anchors * anchors).sum(-1, keepdim=True).clamp_min(eps * eps).rsqrt()
+    c = candidates * (candidates * candidates).sum(-1, keepdim=True).clamp_min(eps * eps).rsqrt()
+    return torch.matmul(a, c.transpose(-1, -2)) / temperature
+
+
+def cross_supcon_anchor_losses(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    positive_mask: torch.Tensor,
+    temperature: float,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Per-anchor terms of MACL's eq. 9 / 10 as printed: anchors ``z_i`` of one branch (dominant) are contrasted with
+    the candidates ``c_k`` of the other branch (auxiliary) only::
+
+        l_i = -(1 / W_i) * sum_j w_ij * log( exp(s(z_i, c_j) / t) / sum_{k != i} exp(s(z_i, c_k) / t) ),
+        W_i = sum_j w_ij
+
+    with ``s`` the cosine similarity. Unlike :func:`supcon_anchor_losses` the diagonal of the mask is kept (the
+    candidate of the anchor's own sample, ``j = i``, is a positive when ``w_ii > 0``) while the denominator leaves
+    ``k = i`` out (the indicator :math:`\\mathbb{1}_{i \\neq k}` of the equations). Half precision inputs are
+    promoted to float32 with autocast off.
+
+    Args:
+        anchors: ``(*, M, D)``.
+        candidates: ``(*, M, D)``, same shape; ``M >= 2`` (the denominator needs a ``k != i``).
+        positive_mask: broadcastable to ``(*, M, M)``, boolean or non-negative weights ``w``.
+        temperature: ``t > 0``.
+        eps: see :func:`supcon_anchor_losses`.
+
+    Returns:
+        ``(losses, weights)`` of shape ``(*, M)`` (a loss of exactly 0 and a weight of 0 for an anchor without
+        positives).
+
+    Raises:
+        ValueError: for mismatched shapes or ``M < 2``.
+    """
+    if anchors.shape != candidates.shape or anchors.ndim < 2:
+        raise ValueError(
+            f"anchors and candidates must both be (*, M, D), got {tuple(anchors.shape)} and {tuple(candidates.shape)}."
+        )
+    m = anchors.shape[-2]
+    if m < 2:
+        raise ValueError(f"the cross-branch SupCon needs at least 2 samples (a k != i), got M={m}.")
+    dtype = _compute_dtype(anchors.dtype)
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        logits = _cosine_logits(anchors.to(dtype), candidates.to(dtype), temperature, eps)
+        self_mask = torch.eye(m, dtype=torch.bool, device=anchors.device)
+        log_denom = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=-1, keepdim=True)
+        log_prob = logits - log_denom
+        weights = positive_mask.to(device=anchors.device, dtype=dtype).expand(logits.shape)
+        weight_sum = weights.sum(-1)
+        has_pos = weight_sum > 0
+        losses = -(weights * log_prob).sum(-1) / torch.where(has_pos, weight_sum, torch.ones_like(weight_sum))
+        losses = torch.where(has_pos, losses, torch.zeros_like(losses))
+    return losses, weight_sum
+
+
+def cross_supcon_loss(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    positive_mask: torch.Tensor,
+    temperature: float,
+    base_temperature: float | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """
+    Scalar cross-branch SupCon (see :func:`cross_supcon_anchor_losses`): the **sum** over anchors (eq. 9:
+    :math:`\\sum_{i=1}^{2N}`), then the mean over the leading problems (eq. 10: the mean over locations ``s``), times
+    ``temperature / base_temperature`` when ``base_temperature`` is given.
+
+    Args:
+        anchors, candidates: ``(*, M, D)``.
+        positive_mask: broadcastable to ``(*, M, M)``.
+        temperature: ``t > 0``.
+        base_temperature: optional rescaling, ``None`` for none.
+        eps: see :func:`supcon_anchor_losses`.
+
+    Returns:
+        0-dim tensor.
+    """
+    losses, _ = cross_supcon_anchor_losses(anchors, candidates, positive_mask, temperature, eps)
+    loss = losses.sum(-1).mean() if losses.ndim > 1 else losses.sum()
     if base_temperature is not None:
         loss = loss * (temperature / base_temperature)
     return loss
@@ -244,9 +356,22 @@ class PositionalSupConLoss(_Loss):
 
     where :math:`\\pi` is the position, e.g. ``(slice index + 1) / depth`` in (0, 1], :math:`s` the cosine
     similarity, :math:`\\delta` the threshold and :math:`A` the anchors with at least one positive (with
-    ``V >= 2`` every view has one: the other views of its sample). This equals the public MACL / PCL
-    ``SupConLoss(contrastive_method='pcl')`` computation, without its ``temperature / base_temperature``
-    factor unless ``base_temperature`` is given.
+    ``V >= 2`` every view has one: the other views of its sample). This (``form="code"``, the default) equals the
+    public MACL / PCL ``SupConLoss(contrastive_method='pcl')`` computation, without its
+    ``temperature / base_temperature`` factor unless ``base_temperature`` is given.
+
+    ``form="paper"`` is MACL's eq. 9 as printed, for ``V = 2`` views: view 0 holds the dominant projections
+    :math:`Z^g_i` (the anchors), view 1 the auxiliary ones :math:`\\tilde Z^g_j` (the only candidates):
+
+    .. math::
+
+        L_g = \\sum_{i} -\\frac{1}{|\\Omega^+_i|} \\sum_{j \\in \\Omega^+_i}
+            \\log \\frac{\\exp(s(Z^g_i, \\tilde Z^g_j) / \\tau)}
+            {\\sum_{k} \\mathbb{1}_{i \\neq k} \\exp(s(Z^g_i, \\tilde Z^g_k) / \\tau)},
+        \\qquad \\Omega^+_i = \\{j : |\\pi_i - \\pi_j| < \\delta\\}
+
+    i.e. no same-branch pairs, the sample's own auxiliary projection (``j = i``) a positive but left out of the
+    denominator, and a **sum** (not a mean) over the anchors, so the loss grows with the batch. Needs ``N >= 2``.
 
     Shapes: ``features`` ``(N, V, D)``, ``positions`` ``(N,)``; output: scalar.
 
@@ -258,7 +383,13 @@ class PositionalSupConLoss(_Loss):
         MICCAI 2021 (PCL). https://arxiv.org/abs/2106.09157
     """
 
-    def __init__(self, temperature: float = 0.1, threshold: float = 0.1, base_temperature: float | None = None) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        threshold: float = 0.1,
+        base_temperature: float | None = None,
+        form: str = "code",
+    ) -> None:
         """
         Args:
             temperature: softmax temperature :math:`\\tau`. Defaults to 0.1 (MACL code and paper).
@@ -266,9 +397,12 @@ class PositionalSupConLoss(_Loss):
                 CHD/KiTS pre-training scripts; 0.05 for BraTS).
             base_temperature: if set, the loss is multiplied by ``temperature / base_temperature``
                 (0.07 in the public code). Defaults to None (no scaling).
+            form: ``"code"`` (default: all views are anchors and candidates, mean over anchors) or ``"paper"``
+                (eq. 9 as printed, see above).
 
         Raises:
             ValueError: when ``temperature``/``base_temperature`` is not positive or ``threshold`` is negative.
+            MedclInputError: for a ``form`` other than ``"code"``/``"paper"``.
         """
         super().__init__()
         _check_temperatures(temperature, base_temperature)
@@ -277,6 +411,7 @@ class PositionalSupConLoss(_Loss):
         self.temperature = float(temperature)
         self.threshold = float(threshold)
         self.base_temperature = None if base_temperature is None else float(base_temperature)
+        self.form = check_form(form)
 
     def positive_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """``(N, N)`` boolean sample-level positive mask ``|p_i - p_j| < threshold``."""
@@ -292,13 +427,19 @@ class PositionalSupConLoss(_Loss):
             0-dim loss tensor.
 
         Raises:
-            ValueError: when ``features`` is not 3D or ``positions`` does not have ``N`` elements.
+            ValueError: when ``features`` is not 3D or ``positions`` does not have ``N`` elements; for
+                ``form="paper"``, when ``V != 2`` or ``N < 2``.
         """
         if features.ndim != 3:
             raise ValueError(f"features must have shape (N, V, D), got {tuple(features.shape)}.")
         n, v, d = features.shape
         if positions.numel() != n:
             raise ValueError(f"positions must have {n} elements (one per sample), got shape {tuple(positions.shape)}.")
+        if self.form == "paper":
+            if v != 2:
+                raise ValueError(f"form='paper' needs V = 2 views (dominant, auxiliary), got V={v}.")
+            mask = self.positive_mask(positions)
+            return cross_supcon_loss(features[:, 0], features[:, 1], mask, self.temperature, self.base_temperature)
         # view-major order: row v * N + n is view v of sample n
         flat = features.transpose(0, 1).reshape(v * n, d)
         mask = self.positive_mask(positions).repeat(v, v)
