@@ -7,6 +7,8 @@ land under ``--out`` (default ``demo_runs/``). Run through ``bash scripts/demo.s
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -16,6 +18,51 @@ from medcl.benchmark.runs import BenchmarkError, read_dice, run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
+
+#: Environment variables that choose CPU kernels or thread counts, and so the demo's numbers (see scripts/demo.sh).
+NUMERICS_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
+    "ONEDNN_MAX_CPU_ISA",
+    "OPENBLAS_CORETYPE",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
+
+
+def machine_facts() -> dict:
+    """What the demo's numbers depend on besides the code: CPU, kernels and threads in use, package versions."""
+    import ignite
+    import monai
+    import numpy
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "env": {k: os.environ.get(k, "(unset)") for k in NUMERICS_ENV},
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "ignite": ignite.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def facts_line(facts: dict) -> str:
+    """``facts`` (see :func:`machine_facts`) as one line."""
+    env = ", ".join(f"{k}={v}" for k, v in facts["env"].items())
+    return (
+        f"{facts['cpu']} ({facts['cpus']} CPUs); torch CPU kernels {facts['torch_cpu_capability']}, "
+        f"{facts['torch_threads']} threads; {env}; Python {facts['python']}, torch {facts['torch']}, "
+        f"MONAI {facts['monai']}, ignite {facts['ignite']}, numpy {facts['numpy']}"
+    )
 
 
 def _bundle_run(configs: list[Path], overrides: dict, log: Path) -> float:
@@ -82,6 +129,8 @@ def main(
         macl: also run MACL pre-training and fine-tuning.
     """
     t0 = time.time()
+    facts = machine_facts()
+    print(f"[demo] machine: {facts_line(facts)}", flush=True)
     out_dir, data = (REPO / out).resolve(), (REPO / dataset_dir).resolve()
     if not (data / "dataset.json").is_file():
         from medcl.data.phantom import generate_dataset
@@ -145,12 +194,15 @@ def main(
     text = (
         "\n".join(lines)
         + f"\n\nMean Dice over the validation volumes (original voxel grid); total wall time {wall / 60:.1f} min."
+        + f"\n\nMachine: {facts_line(facts)}."
     )
     print("\n" + text, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(text + "\n")
     settings = {k: str(v) for k, v in common.items()}
-    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "wall_s": wall, "settings": settings}, indent=2))
+    (out_dir / "results.json").write_text(
+        json.dumps({"rows": rows, "wall_s": wall, "settings": settings, "machine": facts}, indent=2)
+    )
 
 
 if __name__ == "__main__":
