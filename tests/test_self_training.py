@@ -44,6 +44,7 @@ def test_seg_contrast_net_outputs(spatial_dims, one_thread):
     x = torch.randn(2, 1, *([16] * spatial_dims))
     logits = net(x)
     torch.testing.assert_close(logits, net.backbone(x))
+    assert type(net.backbone.final_conv).__name__ == "SegTail"  # two 3x3 conv-BN-ReLU layers before the logits
     logits2, z = net(x, return_embeddings=True)
     torch.testing.assert_close(logits2, logits)
     assert z.shape == (2, 5, *([16] * spatial_dims))  # full-resolution embeddings
@@ -113,7 +114,14 @@ def test_local_cl_step_terms_match_the_losses(one_thread):
     net = _net().train()
     seg_loss = DiceLoss(to_onehot_y=True, softmax=True)
     local = LocalContrastiveLoss()
-    step = LocalCLStep(seg_loss, local, lambda_local=0.3, generator=torch.Generator().manual_seed(5))
+    step = LocalCLStep(
+        seg_loss,
+        local,
+        lambda_local=0.3,
+        generator=torch.Generator().manual_seed(5),
+        pairs="random",
+        class_filter=False,
+    )
     batch = _batch()
     torch.manual_seed(1)
     terms = step(net, batch)
@@ -133,7 +141,7 @@ def test_local_cl_step_terms_match_the_losses(one_thread):
 
 def test_local_cl_step_segmentation_sees_labelled_only(one_thread):
     net = _net().eval()  # eval: batch norm statistics do not couple the parts
-    step = LocalCLStep(DiceLoss(to_onehot_y=True, softmax=True), lambda_local=0.0)
+    step = LocalCLStep(DiceLoss(to_onehot_y=True, softmax=True), lambda_local=0.0, class_filter=False)
     batch = _batch()
     a = step(net, batch)
     batch["unlabelled"]["label"] = torch.zeros_like(batch["unlabelled"]["label"])
@@ -146,7 +154,8 @@ def test_local_cl_step_phases_and_head_gradient(one_thread):
     seg_loss = DiceLoss(to_onehot_y=True, softmax=True)
     for lam_gt, head_grad in ((0.0, False), (0.5, True)):
         net = _net().train()
-        terms = LocalCLStep(seg_loss, lambda_local=0.1, lambda_local_gt=lam_gt)(net, _batch(n_u=0))
+        step = LocalCLStep(seg_loss, lambda_local=0.1, lambda_local_gt=lam_gt, num_classes=4)  # mixed pairs, filter
+        terms = step(net, _batch(n_u=0))
         terms["loss"].backward()
         grads = [p.grad for p in net.head.parameters()]
         assert (all(g is not None and g.abs().sum() > 0 for g in grads)) == head_grad
@@ -154,7 +163,7 @@ def test_local_cl_step_phases_and_head_gradient(one_thread):
 
 
 def test_local_cl_step_rejects_bad_batches():
-    step = LocalCLStep(DiceLoss(to_onehot_y=True, softmax=True))
+    step = LocalCLStep(DiceLoss(to_onehot_y=True, softmax=True), num_classes=NUM_CLASSES)
     with pytest.raises(MedclInputError, match="batch\\['labelled'\\]"):
         step(_net(), {"image": torch.zeros(2, 1, 16, 16)})
     with pytest.raises(ValueError, match=">= 0"):
