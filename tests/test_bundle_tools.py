@@ -9,9 +9,10 @@ import warnings
 import pytest
 import torch
 from conftest import BUNDLES
+from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
+
 import medcl.bundle
 from medcl.bundle import META_SCHEMA, META_SCHEMA_SHA256, verify_metadata_offline
-from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
 BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs").is_dir())
 #: overrides that keep the networks CPU-sized (MixCL's UNETR at the narrow CPU width and 32³)
@@ -64,8 +65,14 @@ def test_verify_net_in_out(bundle, phantom_dir):
         meta["network_data_format"]["outputs"]["pred"]["spatial_shape"] = SMALL[bundle.name]["patch_size"]
     meta_file = phantom_dir.parent / f"{bundle.name}_metadata.json"
     meta_file.write_text(json.dumps(meta))
-    verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=str(bundle / "configs" / "inference.json"),
-                      device="cpu", dataset_dir=str(phantom_dir), **SMALL.get(bundle.name, {}))
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(meta_file),
+        config_file=str(bundle / "configs" / "inference.json"),
+        device="cpu",
+        dataset_dir=str(phantom_dir),
+        **SMALL.get(bundle.name, {}),
+    )
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
@@ -80,9 +87,17 @@ def test_ckpt_export_gives_the_same_outputs(bundle, phantom_dir, tmp_path, one_t
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     shape = small.get("patch_size") or meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
     trace = {"use_trace": True, "input_shape": [1, 1, *shape]} if bundle.name in TRACED else {}
-    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
-                meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(config), device="cpu",
-                dataset_dir=str(phantom_dir), **trace, **small)
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(tmp_path / "model.pt"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(config),
+        device="cpu",
+        dataset_dir=str(phantom_dir),
+        **trace,
+        **small,
+    )
     ts = torch.jit.load(str(tmp_path / "model.ts"))
     x = torch.randn(1, 1, *shape)
     with torch.no_grad():
