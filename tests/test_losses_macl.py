@@ -1,4 +1,8 @@
-"""Tests of the MACL loss modules against slow loop references, invariances and hand-built cases."""
+"""Tests of the MACL loss modules against slow loop references, invariances and hand-built cases.
+
+The references here follow the public code's reading (all-vs-all SupCon, mean over anchors; mean L1), i.e. the
+defaults. References written from the paper's eq. 9-11 themselves, against the ``form="paper"`` /
+``reduction="sum"`` options, are in ``tests/test_macl_equations.py``."""
 
 from __future__ import annotations
 
