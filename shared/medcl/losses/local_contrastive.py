@@ -19,11 +19,14 @@ import torch.nn.functional as F
 from monai.utils import LossReduction, convert_to_tensor
 from torch.nn.modules.loss import _Loss
 
+from medcl.errors import MedclInputError
 from medcl.samplers.boundary_weighted import labels_to_resolution, sample_class_pixels
 
 __all__ = ["LocalContrastiveLoss", "make_pairs"]
 
 _POSITIVES = ("inter", "intra")
+_DENOMINATORS = ("shared", "per_positive")
+_NORMALIZERS = ("code", "paper")
 
 
 def make_pairs(batch_size: int, layout: str = "consecutive", device: torch.device | str | None = None) -> torch.Tensor:
@@ -97,7 +100,21 @@ class LocalContrastiveLoss(_Loss):
             \\sum_{j=1}^{n} \\ell(a_{u,c,j}),
         \\qquad L = \\frac{1}{|P_{valid}|} \\sum_{(x, x') \\in P_{valid}} L_{(x, x')}
 
-    where :math:`P_{valid}` are the pairs with :math:`C \\neq \\emptyset`. With ``"inter"`` (:math:`|V| = 2`)
+    where :math:`P_{valid}` are the pairs with :math:`C \\neq \\emptyset`. This is the public code's form
+    (``denominator="shared"``, ``normalizer="code"``, the defaults). The paper's equation (MedIA 2023, local loss:
+    mean over pairs, classes and the sampled pixels :math:`R_c` of class ``c``; for each positive class mean one
+    term whose denominator is that positive plus the negatives, the means of the other classes) is
+
+    .. math::
+        \\ell^{paper}(a) = \\sum_{v \\in V(u)} -\\log \\frac{\\exp(s(z_u(a), \\mu_v^c) / \\tau)}
+            {\\exp(s(z_u(a), \\mu_v^c) / \\tau) + \\sum_{w \\in V(u)} \\sum_{k \\in C_w, k \\neq c}
+            \\exp(s(z_u(a), \\mu_w^k) / \\tau)},
+        \\qquad L_{(x, x')} = \\frac{1}{|C|} \\sum_{c \\in C} \\frac{1}{|R_c|} \\sum_{a \\in R_c} \\ell^{paper}(a)
+
+    with :math:`R_c` the :math:`2n` anchors of class ``c`` in both images: ``denominator="per_positive"``
+    (the other positive leaves the denominator; identical to ``"shared"`` with ``"intra"``) and
+    ``normalizer="paper"`` (the anchor mean; the code's normaliser is the same for ``"inter"`` and twice it for
+    ``"intra"``). With ``"inter"`` (:math:`|V| = 2`)
     :math:`L_{(x,x')}` is the mean over the pair's :math:`2n|C|` anchors of their two-term loss; with
     ``"intra"`` it is twice the anchor mean (the code's normaliser, kept). With precomputed ``anchors``,
     :math:`n |C|` is replaced by half the number of valid anchors of the pair. Background (``background``)
@@ -151,6 +168,8 @@ class LocalContrastiveLoss(_Loss):
         reduction: LossReduction | str = LossReduction.MEAN,
         eps: float = 1e-12,
         ignore_index: int | None = None,
+        denominator: str = "shared",
+        normalizer: str = "code",
     ) -> None:
         """
         Args:
@@ -177,8 +196,15 @@ class LocalContrastiveLoss(_Loss):
             ignore_index: label of voxels to leave out (e.g. pseudo-labels removed by
                 :func:`medcl.inferers.confidence_filter`, 255): they are treated as ``background``, i.e. give
                 no anchors, no class means and no denominator terms. None (default): every label value counts.
+            denominator: ``"shared"`` (default, code): one denominator per anchor over every foreground class mean
+                of :math:`V(u)`, both positives included; ``"per_positive"`` (paper): each positive term's
+                denominator is that positive plus the other classes' means of :math:`V(u)`.
+            normalizer: ``"code"`` (default): divide a pair by :math:`n |C| |V|`; ``"paper"``: by its number of
+                valid anchors (the mean over anchors of the summed positive terms). Only with ``num_classes=None``.
 
         Raises:
+            MedclInputError: for a misspelt ``positives``, ``denominator`` or ``normalizer`` (the message names
+                the allowed values).
             ValueError: for a non-positive temperature, ``num_anchors < 1``, an unknown ``positives`` or
                 ``resize_mode``, ``num_classes`` leaving no foreground class, or ``ignore_index`` without a
                 ``background`` label (or equal to it).
@@ -188,8 +214,17 @@ class LocalContrastiveLoss(_Loss):
             raise ValueError(f"temperature must be positive, got {temperature}.")
         if num_anchors < 1:
             raise ValueError(f"num_anchors must be >= 1, got {num_anchors}.")
-        if positives not in _POSITIVES:
-            raise ValueError(f"positives must be one of {_POSITIVES}, got {positives!r}.")
+        for name, value, allowed in (
+            ("positives", positives, _POSITIVES),
+            ("denominator", denominator, _DENOMINATORS),
+            ("normalizer", normalizer, _NORMALIZERS),
+        ):
+            if value not in allowed:
+                raise MedclInputError(
+                    f"LocalContrastiveLoss: {name} must be one of {', '.join(allowed)}; got {value!r}."
+                )
+        if normalizer == "paper" and num_classes is not None:
+            raise MedclInputError("LocalContrastiveLoss: normalizer='paper' needs num_classes=None (the valid count).")
         if resize_mode not in ("nearest", "nearest-exact"):
             raise ValueError(f"resize_mode must be 'nearest' or 'nearest-exact', got {resize_mode!r}.")
         if num_classes is not None:
@@ -206,6 +241,8 @@ class LocalContrastiveLoss(_Loss):
         self.num_anchors = int(num_anchors)
         self.background = None if background is None else int(background)
         self.positives = positives
+        self.denominator = denominator
+        self.normalizer = normalizer
         self.num_classes = None if num_classes is None else int(num_classes)
         self.anchor_replacement = bool(anchor_replacement)
         self.normalize_before_mean = bool(normalize_before_mean)
@@ -410,21 +447,27 @@ class LocalContrastiveLoss(_Loss):
             z = F.normalize(emb[ab, :, ai], dim=1, eps=self.eps)  # (A, C)
             neg_inf = torch.finfo(dtype).min
             own = (torch.einsum("ac,akc->ak", z, mu[ab]) / self.temperature).masked_fill(~present[ab], neg_inf)
-            own_pos = own.gather(1, col[:, None])[:, 0]
+            views = [own]
             if self.positives == "inter":
-                other = (torch.einsum("ac,akc->ak", z, mu[ob]) / self.temperature).masked_fill(~present[ob], neg_inf)
-                lse = torch.logsumexp(torch.cat([own, other], dim=1), dim=1)
-                other_pos = other.gather(1, col[:, None])[:, 0]
-                per_anchor = (lse - own_pos) + (lse - other_pos)
-                n_views = 2
-            else:
-                per_anchor = torch.logsumexp(own, dim=1) - own_pos
-                n_views = 1
+                views.append(
+                    (torch.einsum("ac,akc->ak", z, mu[ob]) / self.temperature).masked_fill(~present[ob], neg_inf)
+                )
+            n_views = len(views)
+            positives = [v.gather(1, col[:, None])[:, 0] for v in views]
+            if self.denominator == "shared":
+                lse = torch.logsumexp(torch.cat(views, dim=1), dim=1)
+                per_anchor = sum(lse - pos for pos in positives)
+            else:  # the positive plus the other classes' means of every image in V(u)
+                is_pos = torch.zeros_like(own, dtype=torch.bool).scatter_(1, col[:, None], True)
+                neg_lse = torch.logsumexp(torch.cat([v.masked_fill(is_pos, neg_inf) for v in views], dim=1), dim=1)
+                per_anchor = sum(torch.logaddexp(pos, neg_lse) - pos for pos in positives)
 
             anchors_per_pair = torch.zeros(n_pairs, dtype=dtype, device=device).index_add_(
                 0, ap, torch.ones_like(per_anchor)
             )
-            if self.num_classes is None:
+            if self.num_classes is None and self.normalizer == "paper":
+                norm = anchors_per_pair.clamp_min(1e-30)  # 1/|C| sum_c 1/|R_c| sum_{R_c}, |R_c| = 2n for every c
+            elif self.num_classes is None:
                 # n |C| |V| = (valid anchors of the pair / 2) * |V|
                 norm = (anchors_per_pair * n_views / 2.0).clamp_min(1e-30)
             else:
