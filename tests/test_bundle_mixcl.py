@@ -83,6 +83,9 @@ def test_pretrain_logs_each_term_and_saves_the_reconstruction_unetr(pretrained):
     terms = dict(part.split(": ") for part in ("loss" + p for p in last.strip().split(" loss")[1:]))
     assert all(np.isfinite(float(v)) for v in terms.values())
     assert float(terms["loss_label"]) > 0  # labelled pixels of several classes were contrasted
+    norms = proc.stdout.split("gradient norms on the shared parameters: ")[1].splitlines()[0]
+    for name in ("grad_norm_id", "grad_norm_label", "grad_norm_recon"):  # each term reaches the shared encoder
+        assert float(norms.split(name + " ")[1].split(",")[0].split(" ")[0]) > 0, norms
     ckpt = torch.load(root / "models" / "pretrained.pt", weights_only=True)
     assert set(ckpt) == set(_unetr(1).state_dict())  # the UNETR only, no projector
 

@@ -157,6 +157,11 @@ class MixCLStep:
             distance=boundary_distance,
         )
 
+    @property
+    def term_weights(self) -> dict[str, float]:
+        """Weight of each returned term in the total (read by :class:`~medcl.handlers.TermGradNormHandler`)."""
+        return {"loss_id": self.weight_id, "loss_label": self.alpha, "loss_recon": self.beta}
+
     def recon_term(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
         L_recon of one reconstruction (eq. 3): ``||P - P~||^2`` per patch, averaged over the batch.

@@ -1,8 +1,9 @@
 """Ignite event handlers: checkpoints (atomic saves, safe loading), run state for resume, the non-finite loss guard,
-self-training rounds, pre-trained initialisation and progress lines."""
+self-training rounds, pre-trained initialisation, progress lines and per-term gradient norms."""
 
 from medcl.handlers.checkpoint_loader import SafeCheckpointLoader
 from medcl.handlers.checkpoint_saver import AtomicCheckpointSaver
+from medcl.handlers.grad_norms import TermGradNormHandler
 from medcl.handlers.loss_guard import NonFiniteLossError, NonFiniteLossGuard
 from medcl.handlers.pretrained_loader import PretrainedLoader
 from medcl.handlers.progress import ProgressHandler
@@ -21,5 +22,6 @@ __all__ = [
     "RunStateHandler",
     "SafeCheckpointLoader",
     "SelfTrainingHandler",
+    "TermGradNormHandler",
     "total_epochs",
 ]
