@@ -69,13 +69,16 @@ def test_pretrain_logs_each_term_and_saves_the_backbone(pretrained):
     root, proc = pretrained
     for term in ("loss: ", "loss_g: ", "loss_d: ", "loss_er: "):  # StatsHandler, every iteration
         assert "Iter: 2/2 -- " in proc.stdout and term in proc.stdout.split("Iter: 2/2 -- ")[1].splitlines()[0]
-    assert "Metrics -- loss_d: " in proc.stdout  # per-term epoch averages
+    metrics = [line for line in proc.stdout.splitlines() if "Metrics -- " in line]
+    assert metrics and "loss_d: " in metrics[0] and "grad_norm_d: " in metrics[0]  # epoch averages, gradient norms
     ckpt = torch.load(root / "models" / "pretrained.pt", weights_only=True)
     assert set(ckpt) == set(BasicUNet(2, 1, 5, features=FEATURES, norm="batch").state_dict())  # backbone only
     assert list((root / "models").glob("pretrained_*epoch=1.pt")), "interval checkpoint (--checkpoint_interval 1)"
     with sqlite3.connect(root / "eval" / "mlruns.db") as con:
         keys = {k for (k,) in con.execute("select distinct key from metrics")}
     assert {"train_loss", "pretrain_loss", "loss_g", "loss_d", "loss_er"} <= keys
+    assert {"grad_norm_g", "grad_norm_d", "grad_norm_er"} <= keys  # TermGradNormHandler, per epoch, in MLflow
+    assert "gradient norms on the shared parameters: grad_norm_g " in proc.stdout
 
 
 def test_finetune_starts_from_the_pretrained_encoder_and_two_decoder_blocks(pretrained, phantom_dir):

@@ -221,6 +221,11 @@ class MACLStep:
         total = self.weight_g * l_g + self.weight_d * l_d + self.weight_er * l_er
         return {"loss": total, "loss_g": l_g, "loss_d": l_d, "loss_er": l_er}
 
+    @property
+    def term_weights(self) -> dict[str, float]:
+        """Weight of each returned term in the total (read by :class:`~medcl.handlers.TermGradNormHandler`)."""
+        return {"loss_g": self.weight_g, "loss_d": self.weight_d, "loss_er": self.weight_er}
+
     def __call__(self, network: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """
         Args:
