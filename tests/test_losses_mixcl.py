@@ -38,6 +38,23 @@ def ref_barlow_layer(z1, z2, lambd):
     return loss
 
 
+def ref_eq4_eq5_as_printed(z1, z2, lambd):
+    """Eq. 4-5 exactly as printed, no centring: C_ij = sum_M Z_Mi Z'_Mj / (sqrt(sum_M Z_Mi^2) sqrt(sum_M Z'_Mj^2)),
+    L = sum_i (1 - C_ii)^2 + lambda sum_i sum_{j != i} C_ij^2, with M running over every (batch, pixel) of the layer.
+    """
+    bsz, c = z1.shape[:2]
+    pixels = [(b, *s) for b in range(bsz) for s in itertools.product(*[range(n) for n in z1.shape[2:]])]
+    loss = 0.0
+    for i in range(c):
+        for j in range(c):
+            num = sum(z1[(p[0], i, *p[1:])] * z2[(p[0], j, *p[1:])] for p in pixels)
+            den_i = torch.sqrt(sum(z1[(p[0], i, *p[1:])] ** 2 for p in pixels))
+            den_j = torch.sqrt(sum(z2[(p[0], j, *p[1:])] ** 2 for p in pixels))
+            cij = num / (den_i * den_j)
+            loss = loss + ((1 - cij) ** 2 if i == j else lambd * cij**2)
+    return loss
+
+
 def ref_pair(y1, y2, d1, d2, bg=0, cross=False):
     """'pos', 'neg' or None (excluded) for one pixel pair, written as plain if-rules."""
     if bg is not None and y1 == bg and y2 == bg:
@@ -116,6 +133,23 @@ def test_barlow_matches_loop_reference_values_and_grads(shape):
     g_ref = torch.autograd.grad(ref, (z1, z2))
     for a, b in zip(g_loss, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 3), (2, 3, 2, 3, 2)])
+def test_barlow_uncentred_option_is_eq5_as_printed_values_and_grads(shape):
+    """center=False evaluates eq. 5 literally (raw features); the default centres them as Barlow Twins' batch norm."""
+    g = torch.Generator().manual_seed(2)
+    z1 = (torch.randn(shape, generator=g, dtype=torch.float64) + 0.8).requires_grad_(True)  # non-zero means
+    z2 = (0.6 * z1.detach() + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+    lambd = 0.05
+    loss = BarlowTwinsPixelLoss(lambd=lambd, center=False)(z1, z2)
+    ref = ref_eq4_eq5_as_printed(z1, z2, lambd)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, (z1, z2)), torch.autograd.grad(ref, (z1, z2)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    # the centred default differs from the printed equation when the features have non-zero means
+    centred = BarlowTwinsPixelLoss(lambd=lambd)(z1, z2)
+    assert abs(float(centred - ref)) > 1e-3
 
 
 def test_barlow_gradcheck():

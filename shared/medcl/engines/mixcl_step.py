@@ -85,6 +85,8 @@ class MixCLStep:
         resize_mode: how labels reach the feature grid (``"nearest"`` or ``"nearest-exact"``).
         recon_reduction: ``"sum"`` (eq. 3: sum over voxels, mean over the batch; default) or ``"mean"`` (mean
             over voxels as well).
+        center_features: L_id centres each channel over the ``M`` pixels before eq. 5 (Barlow Twins' batch-norm
+            standardisation, default); False evaluates eq. 5 as printed, on the raw projections.
         boundary_distance: ``D`` of the weight map: ``"boundary"`` (eq. 7: distance to the class boundary,
             0 on it; default) or ``"outside"`` (distance to the nearest voxel outside the class, medcl before
             0.2), see :func:`~medcl.samplers.boundary_weighted.boundary_distance_weights`.
@@ -111,6 +113,7 @@ class MixCLStep:
         contrast_background_across_datasets: bool = False,
         resize_mode: str = "nearest",
         recon_reduction: str = "sum",
+        center_features: bool = True,
         boundary_distance: str = "boundary",
         view_keys: Sequence[str] = MIXCL_VIEW_KEYS,
         target_keys: Sequence[str] = ("image", "image_2"),
@@ -142,7 +145,7 @@ class MixCLStep:
         self.weight_id, self.alpha, self.beta = float(weight_id), float(alpha), float(beta)
         self.label_layer = int(label_layer)
         self.dataset_key = dataset_key
-        self.loss_id = BarlowTwinsPixelLoss(lambd=lambd)
+        self.loss_id = BarlowTwinsPixelLoss(lambd=lambd, center=center_features)
         self.loss_label = LabelConsistencyLoss(
             temperature=temperature,
             mode=label_mode,
