@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BUNDLES
-from monai.inferers import SliceInferer, SlidingWindowInferer
+from monai.inferers import SlidingWindowInferer
 
 from medcl.bundle import check_cli_overrides
 from medcl.errors import MedclInputError
-from medcl.inferers import volume_inferer
+from medcl.inferers import SliceBatchInferer, volume_inferer
 from medcl.utils import require_checkpoint
 
 TRAIN = str(BUNDLES / "scratch_baseline" / "configs" / "train.json")
@@ -50,7 +50,7 @@ def test_require_checkpoint(tmp_path):
 
 def test_volume_inferer_runs_2d_networks_over_3d_volumes():
     inferer = volume_inferer(2, [16, 16, 16], slice_axis=2)
-    assert isinstance(inferer, SliceInferer)
+    assert isinstance(inferer, SliceBatchInferer)
     calls = []
 
     def net(x):
