@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from conftest import REPO
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 import medcl.handlers.progress as progress
 from medcl.benchmark import runs
@@ -53,6 +53,24 @@ def test_interval_limits_lines(monkeypatch, caplog):
     monkeypatch.setattr(logging.Logger, "info", lambda self, msg, *a, **k: records.append((self.name, msg)))
     _run(monkeypatch, caplog, interval=1e9, name=None)
     assert [n for n, m in records if m.startswith("Progress:")] == ["ignite.engine.engine.Engine"] * 3
+
+
+def test_resumed_run_counts_its_own_iterations(monkeypatch, caplog):
+    clock = itertools.count()
+    monkeypatch.setattr(progress.time, "monotonic", lambda: float(next(clock)))
+    engine = Engine(lambda e, b: None)
+    ProgressHandler(interval=1e9).attach(engine)
+
+    @engine.on(Events.STARTED)
+    def restore(e):  # as RunStateHandler does, after ProgressHandler's STARTED
+        e.state.iteration, e.state.epoch = 10, 2
+
+    with caplog.at_level(logging.INFO):
+        engine.run(range(5), max_epochs=4)
+    lines = [LINE.fullmatch(r.getMessage()) for r in caplog.records if r.getMessage().startswith("Progress:")]
+    assert [(m[1], m[3]) for m in lines] == [("3", "15"), ("4", "20")]
+    elapsed = int(lines[0][6].split(":")[-1])
+    assert int(lines[0][9]) == elapsed  # 5 of 10 remaining iterations done: time left equals time taken
 
 
 def test_bad_interval():

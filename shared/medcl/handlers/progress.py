@@ -66,7 +66,7 @@ class ProgressHandler:
         self.tag = tag
         self.logger = logging.getLogger(name)
         self._start_time = 0.0
-        self._start_iteration = 0
+        self._start_iteration: int | None = None
         self._last_log = 0.0
 
     def attach(self, engine: Engine) -> None:
@@ -85,13 +85,19 @@ class ProgressHandler:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def started(self, engine: Engine) -> None:
-        """Start the clock at the engine's current iteration (non-zero for a resumed run)."""
+        """Start the clock. The iteration this run starts from is taken at its first iteration, after handlers that
+        restore a killed run's state on ``STARTED`` (:class:`medcl.handlers.RunStateHandler`) have run."""
         self._start_time = self._last_log = time.monotonic()
-        self._start_iteration = engine.state.iteration
+        self._start_iteration = None
+
+    def _note_start(self, engine: Engine) -> None:
+        if self._start_iteration is None:
+            self._start_iteration = engine.state.iteration - 1
 
     def iteration_completed(self, engine: Engine) -> None:
         """Log a line when ``interval`` seconds have passed since the last one (an epoch's last iteration is left to
         :meth:`epoch_completed`)."""
+        self._note_start(engine)
         epoch_length = engine.state.epoch_length
         if epoch_length and engine.state.iteration % epoch_length == 0:
             return
@@ -100,6 +106,7 @@ class ProgressHandler:
 
     def epoch_completed(self, engine: Engine) -> None:
         """Log a line at every epoch end."""
+        self._note_start(engine)
         self.log(engine)
 
     def message(self, engine: Engine) -> str:
@@ -115,7 +122,7 @@ class ProgressHandler:
         total = state.max_epochs * state.epoch_length if state.max_epochs and state.epoch_length else None
         if total is None:
             return f"{head}{epoch}, iteration {state.iteration}, elapsed {format_seconds(elapsed)}"
-        done = state.iteration - self._start_iteration
+        done = state.iteration - (state.iteration if self._start_iteration is None else self._start_iteration)
         left = elapsed / done * (total - state.iteration) if done > 0 else float("nan")
         left_text = format_seconds(left) if done > 0 else "unknown"
         return (
