@@ -125,6 +125,14 @@ def test_class_filter_switch(one_thread):
     assert terms["loss"].requires_grad
 
 
+def test_min_classes_loosens_the_filter(one_thread):
+    # image 2 holds classes {0, 1}, the others {0, 1, 2}
+    assert sorted(_run(pairs="same_image", num_classes=3, min_classes=2).pairs[:, 0].tolist()) == [0, 1, 2, 3]
+    assert sorted(_run(pairs="same_image", num_classes=3, min_classes=3).pairs[:, 0].tolist()) == [0, 1, 3]
+    with pytest.raises(MedclInputError, match="min_classes"):
+        LocalCLStep(DiceLoss(), num_classes=3, min_classes=4)
+
+
 def test_misspelt_options_fail_in_the_constructor():
     with pytest.raises(MedclInputError, match="mixed, same_image, random"):
         LocalCLStep(DiceLoss(), pairs="same-image", num_classes=3)

@@ -109,6 +109,9 @@ class LocalCLStep:
         num_classes: number of classes, background included; required by ``class_filter``.
         view_kwargs: arguments of :func:`intensity_view` (``brightness``, ``contrast``, ``clip``); defaults: the
             code's 0.3, (0.7, 1.3), (0, 1.5).
+        min_classes: with ``class_filter``: None (default, the code): every class ``0 .. num_classes - 1`` must be
+            present; an int ``k``: at least ``k`` of them (background counts), for label sets whose classes rarely
+            share a slice.
 
     Raises:
         MedclInputError: for a misspelt ``pairs`` (the message names the allowed values), ``class_filter`` without
@@ -131,6 +134,7 @@ class LocalCLStep:
         class_filter: bool = True,
         num_classes: int | None = None,
         view_kwargs: Mapping[str, Any] | None = None,
+        min_classes: int | None = None,
     ) -> None:
         if min(lambda_local, lambda_local_gt) < 0:
             raise MedclInputError(f"loss weights must be >= 0, got {lambda_local}, {lambda_local_gt}.")
@@ -152,6 +156,9 @@ class LocalCLStep:
         self.class_filter = bool(class_filter)
         self.num_classes = None if num_classes is None else int(num_classes)
         self.view_kwargs = dict(view_kwargs or {})
+        if min_classes is not None and not 1 <= int(min_classes) <= (self.num_classes or int(min_classes)):
+            raise MedclInputError(f"LocalCLStep: min_classes must be in [1, num_classes] or None, got {min_classes}.")
+        self.min_classes = None if min_classes is None else int(min_classes)
 
     def _part(self, batch: Mapping[str, Any], key: str) -> tuple[torch.Tensor, torch.Tensor]:
         part = batch.get(key)
@@ -168,14 +175,16 @@ class LocalCLStep:
         return perm[: batch_size - batch_size % 2].reshape(-1, 2)
 
     def eligible(self, labels: torch.Tensor) -> torch.Tensor:
-        """Indices of the images whose label holds every class ``0 .. num_classes - 1`` (all with no filter)."""
+        """Indices of the images whose label holds every class ``0 .. num_classes - 1`` (at least ``min_classes``
+        of them when set; every image with no filter)."""
         n = labels.shape[0]
         if not self.class_filter:
             return torch.arange(n, device=labels.device)
         flat = labels.reshape(n, -1).long()
         classes = torch.arange(self.num_classes, device=labels.device)
         has = (flat[:, None, :] == classes[None, :, None]).any(dim=2)  # (B, K)
-        return torch.nonzero(has.all(dim=1)).reshape(-1)
+        need = self.num_classes if self.min_classes is None else self.min_classes
+        return torch.nonzero(has.sum(dim=1) >= need).reshape(-1)
 
     def partners(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(first, second_source)``: the pairs' first images and the images whose new view is their second."""

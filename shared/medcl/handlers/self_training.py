@@ -156,8 +156,24 @@ class SelfTrainingHandler:
         self.items: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.check_length)
         engine.add_event_handler(Events.EPOCH_STARTED, self)
         register_run_state(engine, "self_training", self)  # round and pseudo-labels travel with a resumed run
+
+    def check_length(self, engine: Engine) -> None:
+        """Fail before training when the trainer stops before the last round ends.
+
+        Raises:
+            MedclInputError: when ``max_epochs < baseline_epochs + num_rounds * round_epochs`` (with rounds).
+        """
+        need = total_epochs(self.baseline_epochs, self.num_rounds, self.round_epochs)
+        have = engine.state.max_epochs
+        if self.num_rounds > 0 and have is not None and have < need:
+            raise MedclInputError(
+                f"the trainer runs {have} epochs, the self-training schedule needs {need} (baseline_epochs "
+                f"{self.baseline_epochs} + num_rounds {self.num_rounds} x round_epochs {self.round_epochs}): set "
+                "max_epochs to at least that (the bundle's default derives it), or lower baseline_epochs / rounds."
+            )
 
     def __call__(self, engine: Engine) -> None:
         r = min(round_of_epoch(engine.state.epoch, self.baseline_epochs, self.round_epochs), self.num_rounds)
