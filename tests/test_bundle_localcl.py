@@ -67,9 +67,12 @@ def test_pipeline_runs_baseline_then_rounds(trained, phantom_dir):
     assert all(e["num_volumes"] == 5 and e["num_scored"] == 5 for e in log)  # 6 training cases - 1 labelled
     assert all(e["checkpoint"].endswith("model.pt") for e in log)  # labelled by the best-validation model
     # the baseline epoch trains on the labelled volume only (no local loss), the rounds add the local loss
-    epochs = [line for line in proc.stdout.splitlines() if "Metrics -- loss_local" in line]
+    epochs = [line for line in proc.stdout.splitlines() if "Metrics -- " in line and "loss_local: " in line]
     local = [float(line.split("loss_local: ")[1].split()[0]) for line in epochs]
     assert local[0] == 0.0 and all(v > 0 for v in local[1:]), local
+    # per-term gradient norms on the shared backbone: seg alone in the baseline, seg and local in the rounds
+    assert "grad_norm_seg: " in epochs[0] and "grad_norm_local: " not in epochs[0]
+    assert all("grad_norm_seg: " in e and "grad_norm_local: " in e for e in epochs[1:]), epochs
     # pseudo-labels: uint8 label maps on each unlabelled image's grid, valid classes only
     for r in (1, 2):
         files = sorted((root / "models" / "pseudo_labels" / f"round{r}").glob("*_pseudo.nii.gz"))

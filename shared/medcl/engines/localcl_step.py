@@ -195,6 +195,12 @@ class LocalCLStep:
         rank = torch.arange(order.numel(), device=order.device)
         return order, torch.where(rank % 2 == 0, order, nxt)
 
+    @property
+    def term_weights(self) -> dict[str, float]:
+        """Weight of each returned term in the last total (read by :class:`~medcl.handlers.TermGradNormHandler`):
+        ``lambda_local`` in the self-training rounds, ``lambda_local_gt`` before them."""
+        return {"loss_seg": 1.0, "loss_local": float(getattr(self, "_local_weight", self.lambda_local_gt))}
+
     def __call__(self, network: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         x_l, y_l = self._part(batch, self.labelled_key)
         images, labels = [x_l], [y_l]
@@ -227,4 +233,6 @@ class LocalCLStep:
             local = self.local_loss(embeddings, y, pair_idx.to(embeddings.device))
         else:
             local = torch.zeros((), device=seg.device, dtype=seg.dtype)
-        return {"loss": seg + weight * local, "loss_seg": seg.detach(), "loss_local": local.detach()}
+        self._local_weight = weight
+        # terms keep their graph for TermGradNormHandler; the trainer detaches every output after the iteration
+        return {"loss": seg + weight * local, "loss_seg": seg, "loss_local": local}
