@@ -8,12 +8,13 @@ from medcl.data.mixed_loader import MixedLoader
 from medcl.data.partners import PartnerDataset
 from medcl.data.patches import RandPatchWithPositiond, as_patch_size, volume_pad_size
 from medcl.data.pooled import pooled_datalist, pooled_label_maps
-from medcl.data.splits import load_splits, num_labelled_cases, split_datalist
+from medcl.data.splits import eval_datalist, load_splits, num_labelled_cases, read_test_entries, split_datalist
 
 __all__ = [
     "as_patch_size",
     "check_datalist",
     "DatasetInfo",
+    "eval_datalist",
     "inference_datalist",
     "load_splits",
     "MixedLoader",
@@ -23,6 +24,7 @@ __all__ = [
     "pooled_label_maps",
     "RandPatchWithPositiond",
     "read_dataset_info",
+    "read_test_entries",
     "ScaleIntensityByModalityd",
     "split_datalist",
     "volume_pad_size",

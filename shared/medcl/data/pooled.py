@@ -41,21 +41,26 @@ def pooled_datalist(
     val_fraction: float = 0.2,
     seed: int = 0,
     check: str = "header",
+    test_fraction: float = 0.0,
+    test_seed: int = 0,
 ) -> list[dict]:
     """
     Every labelled training case of each dataset, as ``{"image", "label", "dataset_id", "modality"}``.
 
     ``dataset_id`` is the dataset's index in ``dataset_dirs``; labels stay the dataset's own (class ``k`` of two
     datasets are different classes: :class:`~medcl.losses.label_consistency.LabelConsistencyLoss` separates them
-    by dataset id). When a pooled dataset is also the fine-tuning dataset (``holdout_dir``), its validation cases
-    (the split of :func:`medcl.data.load_splits` with the same ``val_fraction`` and ``seed`` as fine-tuning) are
-    left out, so that pre-training never sees the labels fine-tuning is evaluated on.
+    by dataset id). When a pooled dataset is also the fine-tuning dataset (``holdout_dir``), its test and validation
+    cases (the split of :func:`medcl.data.load_splits` with the same ``val_fraction``, ``seed``, ``test_fraction``
+    and ``test_seed`` as fine-tuning) are left out, so that pre-training never sees the labels fine-tuning is
+    selected or evaluated on. A dataset's labelled ``test`` entries are never pooled.
 
     Args:
         dataset_dirs: MSD-style dataset folders (a single path is one dataset).
         holdout_dir: the fine-tuning dataset, whose validation split is excluded if it is pooled.
         val_fraction: fine-tuning's validation fraction (only used for ``holdout_dir``).
         seed: fine-tuning's split seed (only used for ``holdout_dir``).
+        test_fraction: fine-tuning's test fraction (only used for ``holdout_dir``).
+        test_seed: fine-tuning's test seed (only used for ``holdout_dir``).
         check: input check level (see :func:`medcl.data.checks.check_datalist`).
 
     Raises:
@@ -67,7 +72,15 @@ def pooled_datalist(
     for dataset_id, ddir in enumerate(dirs):
         info = read_dataset_info(ddir)
         if os.path.realpath(ddir) == held:
-            cases = load_splits(ddir, val_fraction=val_fraction, label_fraction=1.0, seed=seed, check=check)["labelled"]
+            cases = load_splits(
+                ddir,
+                val_fraction=val_fraction,
+                label_fraction=1.0,
+                seed=seed,
+                check=check,
+                test_fraction=test_fraction,
+                test_seed=test_seed,
+            )["labelled"]
         else:
             cases = load_splits(ddir, val_fraction=0.0, label_fraction=1.0, seed=seed, check=check)["labelled"]
         if not cases:
