@@ -15,7 +15,6 @@ import pytest
 from conftest import REPO
 
 from medcl.benchmark.cli import main, validate_grid
-from medcl.benchmark.report import markdown_table
 from medcl.errors import MedclInputError
 
 TINY = {
@@ -59,14 +58,24 @@ def test_tiny_grid_writes_csv_table_and_plot(tiny_run):
         ("scratch", 1.0),
     ]
     for r in rows:
-        assert 0.0 <= float(r["mean_dice"]) <= 1.0
-        assert {"dice_liver", "dice_spleen", "train_s", "peak_rss_mib", "iterations"} <= set(r)
+        assert 0.0 <= float(r["mean_dice"]) <= 1.0 and 0.0 <= float(r["mean_dice_final"]) <= 1.0
+        assert {"dice_liver", "dice_spleen", "final_dice_liver", "train_s", "peak_rss_mib", "iterations"} <= set(r)
         assert int(r["iterations"]) == 2 and float(r["peak_rss_mib"]) > 0
+        assert r["eval_split"] == "test" and int(r["num_test"]) == 2  # default test_fraction 0.2 of 8 cases
     assert {r["pretrain_s"] != "" for r in rows if r["method"] == "mixcl"} == {True}
-    assert int([r for r in rows if r["label_fraction"] == "0.5"][0]["num_labelled"]) == 3  # 8 cases - 2 val, half
+    # 8 cases - 2 test - 1 val = 5, half of it rounded (to even) = 2
+    assert int([r for r in rows if r["label_fraction"] == "0.5"][0]["num_labelled"]) == 2
+    # both checkpoints scored on the same two test volumes, every cell
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["test_fraction"] == 0.2 and len(split["test"]) == 2
+    for cell in (run_dir / "cells").iterdir():
+        record = json.loads((cell / "cell.json").read_text())
+        assert sorted(record["case_dice"]) == sorted(record["case_dice_final"]) == split["test"]
+        assert (cell / "eval_final" / "val_mean_dice_raw.csv").is_file()
     # one pre-training per method and seed, reused by both fractions
     assert sorted(p.name for p in (run_dir / "pretrain").iterdir()) == ["mixcl_s0"]
-    assert "| scratch | UNet |" in table and "| mixcl | UNETR |" in table
+    assert "| scratch | UNet | 50% |" in table and "| mixcl | UNETR | 100% |" in table
+    assert "Mean Dice on the **test** split (2 cases" in table
     assert (run_dir / "label_efficiency.md").read_text().count("\n|") >= 3
     assert (run_dir / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with sqlite3.connect(run_dir / "mlruns.db") as con:  # every run of the grid is an MLflow run of one experiment
@@ -173,11 +182,24 @@ def test_dataset_without_labels_is_refused(tmp_path):
         main(methods=["scratch"], out=str(tmp_path / "out"), dataset_dir=str(tmp_path))
 
 
-def test_markdown_table_bolds_the_best_and_gives_paired_deltas():
-    rows = [
-        {"method": m, "backbone": "B", "label_fraction": 0.1, "seed": s, "mean_dice": d}
-        for m, s, d in [("a", 0, 0.5), ("a", 1, 0.7), ("a_scratch", 0, 0.4), ("a_scratch", 1, 0.5)]
-    ]
-    table = markdown_table(rows, {"a": "a_scratch", "a_scratch": None})
-    assert "| a | B | **0.600 ± 0.141 (2)** Δ +0.150 |" in table
-    assert "| a_scratch | B | 0.450 ± 0.071 (2) |" in table
+def test_a_second_call_with_another_test_set_is_refused(phantom_dir, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "split.json").write_text(json.dumps({"test_fraction": 0.2, "test_seed": 0, "test": ["x"]}))
+    with pytest.raises(MedclInputError, match="split.json: this run's cells were scored on another test set"):
+        main(run="r", methods=["scratch"], out=str(tmp_path), dataset_dir=str(phantom_dir), test_fraction=0.25)
+    assert not (tmp_path / "r" / "cells").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(test_fraction=0.0), "has no labelled 'test' entries and --test_fraction is 0"),
+        (dict(test_fraction=1.0), r"test_fraction=1.0 must be in \[0, 1\)"),
+        (dict(test_seed=0.5), "--test_seed must be an integer"),
+        (dict(overrides={"*": {"test_fraction": 0.1}}), r"--overrides sets \['test_fraction'\]"),
+    ],
+)
+def test_bad_test_split_fails_before_anything_runs(phantom_dir, tmp_path, kwargs, message):
+    with pytest.raises(MedclInputError, match=message):
+        main(methods=["scratch"], out=str(tmp_path), dataset_dir=str(phantom_dir), **kwargs)
+    assert not any(tmp_path.iterdir())

@@ -4,13 +4,14 @@ Run it as ``python scripts/benchmark.py`` or ``python -m medcl.benchmark`` (see 
 """
 
 from medcl.benchmark.grid import METHODS, PRESETS, Method
-from medcl.benchmark.runs import BenchmarkError, read_dice, run_bundle
+from medcl.benchmark.runs import BenchmarkError, read_case_dice, read_dice, run_bundle
 
 __all__ = [
     "BenchmarkError",
     "Method",
     "METHODS",
     "PRESETS",
+    "read_case_dice",
     "read_dice",
     "run_bundle",
 ]

@@ -8,6 +8,12 @@ Layout of a run folder::
     <out>/<run>/pretrain/<method>_s<seed>/      pre-training bundle_root (models/pretrained.pt, pretrain.log, done.json)
     <out>/<run>/cells/<method>_f<frac>_s<seed>/ fine-tuning bundle_root (models/, eval/, logs, cell.json)
 
+Every cell is scored on a fixed **test** set that neither training nor checkpoint selection sees: the dataset's
+labelled ``test`` entries when it has any, else ``--test_fraction`` (default 0.2) of its ``training`` cases drawn with
+``--test_seed`` (default 0), the same for every method, fraction and seed (:func:`medcl.data.load_splits`). Both
+checkpoints are scored: ``model.pt`` (selected on the validation cases) into ``eval/`` and ``model_final.pt`` (the
+last) into ``eval_final/``. ``<out>/<run>/split.json`` records the test set; a later call with another one is refused.
+
 A cell or pre-training whose ``cell.json`` / ``done.json`` exists is skipped, so a killed benchmark continues
 where it stopped: every bundle run gets ``resume: true``, so an unfinished cell or pre-training goes on from its last
 finished epoch (``models/run_state.pt``; its record then says ``"resumed": true`` and its times cover only the
@@ -25,7 +31,7 @@ from pathlib import Path
 
 from medcl.benchmark.grid import METHODS, PRESETS, Method
 from medcl.benchmark.report import write_reports
-from medcl.benchmark.runs import read_dice, run_bundle
+from medcl.benchmark.runs import read_case_dice, read_dice, run_bundle
 from medcl.errors import MedclInputError
 from medcl.handlers.run_state import run_state_path
 
@@ -36,6 +42,10 @@ REPO = Path(__file__).resolve().parents[3]
 BUNDLES = REPO / "bundles"
 DEFAULT_DATA = "data/phantom"
 POOLED_PHANTOMS = {"data/phantom_pelvis": "pelvis", "data/phantom_thorax": "thorax"}
+#: Fraction of ``training`` carved out as the test set when the dataset has no labelled ``test`` entries.
+DEFAULT_TEST_FRACTION = 0.2
+#: Keys the benchmark sets itself (through --test_fraction / --test_seed), refused in --overrides.
+SPLIT_KEYS = ("test_fraction", "test_seed", "eval_split")
 
 
 def _as_list(value, name: str) -> list:
@@ -88,6 +98,57 @@ def _check_labelled_dataset(dataset_dir: Path) -> list[str]:
     return info.label_names
 
 
+def resolve_test_split(dataset_dir: Path, test_fraction: float | None, test_seed: int) -> dict:
+    """
+    The benchmark's test set: the dataset's labelled ``test`` entries, or ``test_fraction`` of ``training``.
+
+    Args:
+        dataset_dir: the labelled dataset.
+        test_fraction: None for the default (0 with a labelled ``test`` set, else :data:`DEFAULT_TEST_FRACTION`).
+        test_seed: seed of the test draw.
+
+    Returns:
+        ``{"test_fraction", "test_seed", "test": [image base names]}``.
+
+    Raises:
+        MedclInputError: ``test_fraction`` outside [0, 1), a test set overlapping training, a fraction given with a
+            labelled test set, or no test set at all (test Dice needs labelled test cases).
+    """
+    from medcl.data import load_splits, read_test_entries
+
+    if test_fraction is None:
+        test_fraction = 0.0 if read_test_entries(str(dataset_dir))[0] else DEFAULT_TEST_FRACTION
+    if isinstance(test_seed, bool) or not isinstance(test_seed, int):
+        raise MedclInputError(f"--test_seed must be an integer, got {test_seed!r}.")
+    test = load_splits(str(dataset_dir), check="off", test_fraction=test_fraction, test_seed=test_seed)["test"]
+    if not test:
+        raise MedclInputError(
+            f"the benchmark reports test Dice, but {dataset_dir / 'dataset.json'} has no labelled 'test' entries and "
+            "--test_fraction is 0: give --test_fraction 0.2 (a fixed test set carved out of 'training') or add "
+            "labels (labelsTs/) to its 'test' entries."
+        )
+    return {
+        "test_fraction": test_fraction,
+        "test_seed": test_seed,
+        "test": sorted(os.path.basename(d["image"]) for d in test),
+    }
+
+
+def _check_run_split(run_dir: Path, split: dict) -> None:
+    """Record the run's test set in ``split.json``; refuse a later call whose test set differs."""
+    path = run_dir / "split.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != split:
+            raise MedclInputError(
+                f"{path}: this run's cells were scored on another test set (test_fraction "
+                f"{old.get('test_fraction')}, test_seed {old.get('test_seed')}); give the same --test_fraction / "
+                "--test_seed, or a new --run."
+            )
+    else:
+        _write_json(path, split)
+
+
 def _ensure_phantom(path: Path, organ_set: str, n: int) -> None:
     if not (path / "dataset.json").is_file():
         from medcl.data.phantom import generate_dataset
@@ -121,8 +182,10 @@ class _Benchmark:
         user_overrides: Mapping,
         common: Mapping,
         tracking: str | None,
+        split: Mapping | None = None,
     ):
         self.run_dir, self.dataset_dir, self.label_names = run_dir, dataset_dir, label_names
+        self.split = dict(split or {"test_fraction": 0.0, "test_seed": 0, "test": []})
         self.bundle_overrides, self.user_overrides, self.common = bundle_overrides, user_overrides, common
         self.tracking = tracking
 
@@ -205,8 +268,13 @@ class _Benchmark:
         eval_over = {
             k: v for k, v in over.items() if k not in ("tracking", "experiment_name", "run_name", "tracking_uri")
         }
-        run_bundle([configs / "train.json", configs / "evaluate.json"], eval_over, root / "evaluate.log", cwd=REPO)
+        eval_over["eval_split"] = "test"
+        evaluate = [configs / "train.json", configs / "evaluate.json"]
+        run_bundle(evaluate, eval_over, root / "evaluate.log", cwd=REPO)  # model.pt -> eval/
+        final = {**eval_over, "ckpt_path": root / "models" / "model_final.pt", "output_dir": root / "eval_final"}
+        run_bundle(evaluate, final, root / "evaluate_final.log", cwd=REPO)
         dice = read_dice(root / "eval", self.label_names)
+        dice_final = read_dice(root / "eval_final", self.label_names)
         from medcl.data import load_splits
 
         splits = load_splits(
@@ -215,6 +283,8 @@ class _Benchmark:
             num_labelled=num_labelled,
             seed=seed,
             check="off",
+            test_fraction=self.split["test_fraction"],
+            test_seed=self.split["test_seed"],
         )
         n_lab, pool = len(splits["labelled"]), len(splits["labelled"]) + len(splits["unlabelled"])
         record = {
@@ -224,8 +294,16 @@ class _Benchmark:
             "label_fraction": fraction if num_labelled is None else round(n_lab / pool, 4),
             "num_labelled": n_lab,
             "seed": seed,
+            "eval_split": "test",
+            "num_test": len(splits["test"]),
+            "test_fraction": self.split["test_fraction"],
+            "test_seed": self.split["test_seed"],
             "mean_dice": round(dice.pop("mean"), 4),
+            "mean_dice_final": round(dice_final.pop("mean"), 4),
             **{f"dice_{k}": round(v, 4) for k, v in dice.items()},
+            **{f"final_dice_{k}": round(v, 4) for k, v in dice_final.items()},
+            "case_dice": read_case_dice(root / "eval"),
+            "case_dice_final": read_case_dice(root / "eval_final"),
             "train_s": train["wall_s"],
             "iterations": iters,
             "peak_rss_mib": train["peak_rss_mib"],
@@ -233,7 +311,11 @@ class _Benchmark:
             **({"resumed": True} if resumed else {}),
         }
         _write_json(root / "cell.json", record)
-        print(f"[benchmark] {root.name}: mean Dice {record['mean_dice']:.3f}", flush=True)
+        print(
+            f"[benchmark] {root.name}: test Dice {record['mean_dice']:.3f} (model.pt), "
+            f"{record['mean_dice_final']:.3f} (model_final.pt)",
+            flush=True,
+        )
 
 
 def main(
@@ -250,6 +332,8 @@ def main(
     num_workers: int = 2,
     tracking: str | None = None,
     report_only: bool = False,
+    test_fraction: float | None = None,
+    test_seed: int = 0,
 ) -> str:
     """
     Run (or continue) a label-efficiency benchmark and write its CSV, Markdown table and plot.
@@ -272,12 +356,17 @@ def main(
         tracking: ``mlflow`` to log every cell as an MLflow run of the experiment ``medcl_<run>`` in
             ``<out>/<run>/mlruns.db``.
         report_only: only rewrite the reports from the finished cells.
+        test_fraction: fraction of the dataset's ``training`` cases held out as the fixed test set every cell is
+            scored on, in [0, 1); default: 0 when the dataset has labelled ``test`` entries (they are the test set),
+            else :data:`DEFAULT_TEST_FRACTION` (0.2).
+        test_seed: seed of that draw (not a training seed: the test set is the same for every cell).
 
     Returns:
         the Markdown table.
 
     Raises:
-        MedclInputError: for a bad grid, an unknown preset or a dataset without labels.
+        MedclInputError: for a bad grid, an unknown preset, a dataset without labels, a bad or missing test set, a
+            test set other than the run's, or ``test_fraction`` / ``test_seed`` / ``eval_split`` in ``overrides``.
     """
     if preset not in PRESETS:
         raise MedclInputError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}.")
@@ -299,7 +388,13 @@ def main(
     if dataset_dir == DEFAULT_DATA:
         _ensure_phantom(data, "abdomen", 40)
     label_names = _check_labelled_dataset(data)
-    common: dict = {"dataset_dir": data, "num_workers": num_workers}
+    split = resolve_test_split(data, test_fraction, test_seed)
+    common: dict = {
+        "dataset_dir": data,
+        "num_workers": num_workers,
+        "test_fraction": split["test_fraction"],
+        "test_seed": split["test_seed"],
+    }
     if any(METHODS[m].bundle == "mixcl" for m in methods):
         dirs = _as_list(pretrain_dataset_dirs, "pretrain_dataset_dirs") or list(POOLED_PHANTOMS)
         for d in dirs:
@@ -309,8 +404,14 @@ def main(
     user = {k: dict(v) for k, v in (overrides or {}).items()} if overrides else {}
     if any(not isinstance(v, Mapping) for v in (overrides or {}).values()):
         raise MedclInputError('--overrides must be {"*": {key: value}} or {"<bundle>": {key: value}}.')
+    fixed = sorted({k for v in user.values() for k in v if k in SPLIT_KEYS})
+    if fixed:
+        raise MedclInputError(
+            f"--overrides sets {fixed}: the benchmark sets the split itself; use --test_fraction / --test_seed."
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    bench = _Benchmark(run_dir, data, label_names, spec["bundles"], user, common, tracking)
+    _check_run_split(run_dir, split)
+    bench = _Benchmark(run_dir, data, label_names, spec["bundles"], user, common, tracking, split)
     t0 = time.time()
     grid = [(f, None) for f in fractions] + [(None, n) for n in num_labelled]
     for seed in seeds:

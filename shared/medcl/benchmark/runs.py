@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medcl.errors import MedclInputError
 
-__all__ = ["BenchmarkError", "RunResult", "bundle_command", "echo_text", "read_dice", "run_bundle"]
+__all__ = ["BenchmarkError", "RunResult", "bundle_command", "echo_text", "read_case_dice", "read_dice", "run_bundle"]
 
 #: Log lines echoed while a run goes on (``medcl.handlers.ProgressHandler`` writes the ``Progress:`` lines).
 PROGRESS = ("Progress:", "Metrics -- val_mean_dice", "pretrain_loss:", "Train completed", "Error")
@@ -115,3 +115,18 @@ def read_dice(eval_dir: Path | str, label_names: Sequence[str]) -> dict[str, flo
         result[name] = sum(values) / len(values) if values else float("nan")
     result["mean"] = sum(float(r["mean"]) for r in rows) / len(rows) if rows else float("nan")
     return result
+
+
+def read_case_dice(eval_dir: Path | str) -> dict[str, float]:
+    """
+    Mean Dice per evaluated volume, ``{file name: mean Dice}``, from ``<eval_dir>/val_mean_dice_raw.csv`` (its
+    ``filename`` column is the image path; the key is its base name).
+
+    Raises:
+        MedclInputError: when the CSV is missing.
+    """
+    path = Path(eval_dir) / "val_mean_dice_raw.csv"
+    if not path.is_file():
+        raise MedclInputError(f"{path} is missing: run the bundle's evaluate.json first.")
+    with open(path) as f:
+        return {os.path.basename(r["filename"]): float(r["mean"]) for r in csv.DictReader(f)}
