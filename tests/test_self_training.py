@@ -136,7 +136,11 @@ def test_local_cl_step_terms_match_the_losses(one_thread):
     torch.testing.assert_close(terms["loss_seg"], seg.detach())
     torch.testing.assert_close(terms["loss_local"], loc.detach())
     torch.testing.assert_close(terms["loss"], seg + 0.3 * loc)
-    assert terms["loss"].requires_grad and not terms["loss_local"].requires_grad
+    # the terms keep their graphs (for TermGradNormHandler) and the step says how it weighed them
+    assert terms["loss"].requires_grad and terms["loss_local"].requires_grad and terms["loss_seg"].requires_grad
+    assert step.term_weights == {"loss_seg": 1.0, "loss_local": 0.3}
+    labelled_only = step(net, {"labelled": batch["labelled"]})  # before the rounds: lambda_local_gt (0 here)
+    assert step.term_weights["loss_local"] == 0.0 and not labelled_only["loss_local"].requires_grad
 
 
 def test_local_cl_step_segmentation_sees_labelled_only(one_thread):

@@ -66,33 +66,39 @@ def _normalized_bilateral(q: torch.Tensor, ref: torch.Tensor, spatial_sigma: flo
     are applied to ``q``, blurred spatially and normalised; every voxel mixes the two levels enclosing its
     intensity.
     """
-    out = torch.zeros_like(q)
+    # every sample (a volume, or a slice with slice_axis) keeps its own level grid, ``lo_b + k * step_b``; the
+    # levels are filtered for the whole batch at once (a sample past its last level gets a zero tent)
     tiny = torch.finfo(q.dtype).tiny
-    for b in range(q.shape[0]):
-        r, qb = ref[b : b + 1], q[b : b + 1]
-        lo, hi = float(r.min()), float(r.max())
-        step = color_sigma / 2.0
-        n_levels = int(math.floor((hi - lo) / step)) + 2 if hi > lo else 1
-        if n_levels > _MAX_LEVELS:
-            step = (hi - lo) / (_MAX_LEVELS - 1)
-            n_levels = _MAX_LEVELS
-            warnings.warn(
-                f"crf_refine (torch backend): the reference spans {hi - lo:.4g} intensity units, "
-                f"{(hi - lo) / color_sigma:.0f} color sigmas; the bilateral term is approximated with levels "
-                f"{step / color_sigma:.2f} color sigmas apart. Scale the image intensities (as the preprocessing does) "
-                "or raise bilateral_color_sigma.",
-                stacklevel=3,
-            )
-        for k in range(n_levels):
-            level = lo + k * step
-            tent = (1.0 - (r - level).abs() / step).clamp_min(0.0) if n_levels > 1 else torch.ones_like(r)
-            if not bool((tent > 0).any()):
-                continue
-            w = torch.exp(-0.5 * ((r - level) / color_sigma) ** 2)
-            num = _gaussian_smooth(w * qb, spatial_sigma)
-            den = _gaussian_smooth(w, spatial_sigma)
-            filtered = torch.where(den > tiny, num / den.clamp_min(tiny), qb)
-            out[b : b + 1] += tent * filtered
+    flat = ref.flatten(start_dim=1)
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    span = hi - lo
+    step = torch.full_like(lo, color_sigma / 2.0)
+    n_levels = torch.where(span > 0, torch.floor(span / step) + 2, torch.ones_like(span))
+    too_many = n_levels > _MAX_LEVELS
+    if bool(too_many.any()):
+        worst = float(span.max())
+        warnings.warn(
+            f"crf_refine (torch backend): the reference spans {worst:.4g} intensity units, "
+            f"{worst / color_sigma:.0f} color sigmas; the bilateral term is approximated with at most {_MAX_LEVELS} "
+            "levels. Scale the image intensities (as the preprocessing does) or raise bilateral_color_sigma.",
+            stacklevel=3,
+        )
+        step = torch.where(too_many, span / (_MAX_LEVELS - 1), step)
+        n_levels = n_levels.clamp_max(_MAX_LEVELS)
+    view = (-1,) + (1,) * (ref.ndim - 1)
+    lo_v, step_v, single = lo.view(view), step.view(view), (n_levels == 1).view(view)
+    out = torch.zeros_like(q)
+    for k in range(int(n_levels.max())):
+        level = lo_v + k * step_v
+        tent = (1.0 - (ref - level).abs() / step_v).clamp_min(0.0)
+        tent = torch.where(single, torch.full_like(tent, 1.0 if k == 0 else 0.0), tent)
+        if not bool((tent > 0).any()):
+            continue
+        w = torch.exp(-0.5 * ((ref - level) / color_sigma) ** 2)
+        num = _gaussian_smooth(w * q, spatial_sigma)
+        den = _gaussian_smooth(w, spatial_sigma)
+        filtered = torch.where(den > tiny, num / den.clamp_min(tiny), q)
+        out += tent * filtered
     return out
 
 
