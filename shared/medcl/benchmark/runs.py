@@ -95,6 +95,15 @@ def run_bundle(
     return RunResult(wall_s=round(time.time() - start, 1), peak_rss_mib=round(usage.ru_maxrss / 1024, 1))
 
 
+def _dice_rows(eval_dir: Path | str) -> list[dict[str, str]]:
+    """Rows of MONAI's ``MetricsSaver`` CSV ``<eval_dir>/val_mean_dice_raw.csv`` (one per evaluated volume)."""
+    path = Path(eval_dir) / "val_mean_dice_raw.csv"
+    if not path.is_file():
+        raise MedclInputError(f"{path} is missing: run the bundle's evaluate.json first.")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def read_dice(eval_dir: Path | str, label_names: Sequence[str]) -> dict[str, float]:
     """
     Mean Dice per foreground class and overall (``"mean"``) from MONAI's ``MetricsSaver`` CSV
@@ -104,11 +113,7 @@ def read_dice(eval_dir: Path | str, label_names: Sequence[str]) -> dict[str, flo
     Raises:
         MedclInputError: when the CSV is missing.
     """
-    path = Path(eval_dir) / "val_mean_dice_raw.csv"
-    if not path.is_file():
-        raise MedclInputError(f"{path} is missing: run the bundle's evaluate.json first.")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    rows = _dice_rows(eval_dir)
     result = {}
     for i, name in enumerate(label_names[1:]):
         values = [float(r[f"class{i}"]) for r in rows if r.get(f"class{i}") not in (None, "nan", "")]
@@ -125,8 +130,4 @@ def read_case_dice(eval_dir: Path | str) -> dict[str, float]:
     Raises:
         MedclInputError: when the CSV is missing.
     """
-    path = Path(eval_dir) / "val_mean_dice_raw.csv"
-    if not path.is_file():
-        raise MedclInputError(f"{path} is missing: run the bundle's evaluate.json first.")
-    with open(path) as f:
-        return {os.path.basename(r["filename"]): float(r["mean"]) for r in csv.DictReader(f)}
+    return {os.path.basename(r["filename"]): float(r["mean"]) for r in _dice_rows(eval_dir)}
