@@ -10,8 +10,10 @@ per volume and the mean foreground Dice of the argmax before and after against t
 from __future__ import annotations
 
 import glob
+import json
 import os
 import time
+from pathlib import Path
 
 import fire
 import nibabel as nib
@@ -21,10 +23,17 @@ import torch.nn.functional as F
 
 from medcl.inferers.crf import CODE_CRF_KWARGS, crf_refine
 
+_BUNDLE_CRF = json.loads(
+    (Path(__file__).resolve().parents[1] / "bundles/localcl_selftrain/configs/train.json").read_text()
+)["crf_kwargs"]
 SETTINGS = {
-    "medcl defaults, 3D": {},
-    "medcl defaults, 2D slices": {"slice_axis": 2},
-    "public code's settings, 2D slices (default of the bundle)": {**CODE_CRF_KWARGS, "slice_axis": 2},
+    "bundle default (crf_kwargs of localcl train.json), 2D slices": {
+        **{k: v for k, v in _BUNDLE_CRF.items() if k not in ("backend", "slice_axis")},
+        "slice_axis": 2,
+    },
+    "crf_refine defaults (MONAI-style), 2D slices": {"slice_axis": 2},
+    "crf_refine defaults (MONAI-style), 3D": {},
+    "public code's settings (CODE_CRF_KWARGS), 2D slices": {**CODE_CRF_KWARGS, "slice_axis": 2},
 }
 
 
