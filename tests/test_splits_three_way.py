@@ -8,7 +8,14 @@ import shutil
 import numpy as np
 import pytest
 
-from medcl.data import eval_datalist, load_splits, pooled_datalist, read_test_entries, split_datalist
+from medcl.data import (
+    eval_datalist,
+    load_splits,
+    pooled_datalist,
+    read_test_entries,
+    record_split,
+    split_datalist,
+)
 from medcl.errors import MedclInputError
 
 
@@ -141,3 +148,23 @@ def test_test_dice_without_a_labelled_test_set_names_the_fix(phantom_dir):
         eval_datalist(s, "test", str(phantom_dir))
     with pytest.raises(MedclInputError, match="eval_split='valid' must be one of"):
         eval_datalist(s, "valid")
+
+
+def test_evaluation_scores_only_the_cases_training_held_out(tmp_path):
+    """``record_split`` writes the case names training used; ``eval_datalist`` with that record refuses a split
+    made with other keys (it could score training cases) and accepts the same one."""
+    trained = split_datalist(_items(20), val_fraction=0.2, label_fraction=0.5, seed=0, test_fraction=0.2)
+    record = record_split(trained, str(tmp_path / "models" / "split.json"))
+    saved = json.loads((tmp_path / "models" / "split.json").read_text())
+    assert saved["test"] == sorted(p.split("/")[-1] for p in _images(trained["test"]))
+    assert set(saved) == set(trained)
+    for split in ("val", "test"):
+        assert eval_datalist(trained, split, record=record) == trained[split]
+    other_seed = split_datalist(_items(20), val_fraction=0.2, label_fraction=0.5, seed=1, test_fraction=0.2)
+    assert eval_datalist(other_seed, "test", record=record) == other_seed["test"]  # test set: independent of seed
+    with pytest.raises(MedclInputError, match=r"split\.json: training held out other 'val' cases.*--split_seed"):
+        eval_datalist(other_seed, "val", record=record)
+    other_test = split_datalist(_items(20), val_fraction=0.2, label_fraction=0.5, seed=0, test_fraction=0.3)
+    with pytest.raises(MedclInputError, match="other 'test' cases.*--test_fraction"):
+        eval_datalist(other_test, "test", record=record)
+    assert eval_datalist(other_test, "test", record=str(tmp_path / "absent.json")) == other_test["test"]

@@ -106,6 +106,15 @@ def test_corrupted_test_labels_train_and_select_identically(phantom_dir, tmp_pat
         a, b = (tmp_path / n / "models" / ckpt for n in ("intact", "corrupt"))
         assert a.read_bytes() == b.read_bytes(), f"{ckpt} differs: training or selection read a test label"
     assert dice["intact"] != dice["corrupt"]  # the test labels are what evaluation scores
+    # training recorded its split; evaluating with another test set is refused in one line (no training case scored)
+    root = tmp_path / "intact"
+    assert len(json.loads((root / "models" / "split.json").read_text())["test"]) == 2
+    proc = run_bundle(
+        [configs / "train.json", configs / "evaluate.json"],
+        *_args(root, tmp_path / "data_intact", eval_split="test", test_fraction=0.5),
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout
+    assert proc.stdout.count("MedclInputError: ") == 1 and "training held out other 'test' cases" in proc.stdout
 
 
 @pytest.mark.slow

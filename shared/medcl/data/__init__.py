@@ -8,7 +8,14 @@ from medcl.data.mixed_loader import MixedLoader
 from medcl.data.partners import PartnerDataset
 from medcl.data.patches import RandPatchWithPositiond, as_patch_size, volume_pad_size
 from medcl.data.pooled import pooled_datalist, pooled_label_maps
-from medcl.data.splits import eval_datalist, load_splits, num_labelled_cases, read_test_entries, split_datalist
+from medcl.data.splits import (
+    eval_datalist,
+    load_splits,
+    num_labelled_cases,
+    read_test_entries,
+    record_split,
+    split_datalist,
+)
 
 __all__ = [
     "as_patch_size",
@@ -25,6 +32,7 @@ __all__ = [
     "RandPatchWithPositiond",
     "read_dataset_info",
     "read_test_entries",
+    "record_split",
     "ScaleIntensityByModalityd",
     "split_datalist",
     "volume_pad_size",

@@ -18,7 +18,15 @@ from medcl.data.checks import check_datalist
 from medcl.data.dataset_info import dataset_json_path, read_dataset_info
 from medcl.errors import MedclInputError
 
-__all__ = ["EVAL_SPLITS", "eval_datalist", "num_labelled_cases", "read_test_entries", "split_datalist", "load_splits"]
+__all__ = [
+    "EVAL_SPLITS",
+    "eval_datalist",
+    "num_labelled_cases",
+    "read_test_entries",
+    "record_split",
+    "split_datalist",
+    "load_splits",
+]
 
 #: The splits ``evaluate.json`` can score (its ``eval_split`` key).
 EVAL_SPLITS = ("val", "test")
@@ -252,8 +260,37 @@ def load_splits(
     return splits
 
 
+def _case_names(items: Sequence[dict]) -> list[str]:
+    return sorted(os.path.basename(str(it["image"])) for it in items)
+
+
+def record_split(splits: dict[str, list[dict]], path: str) -> str:
+    """Write the case names of each split (``{"test": [...], "val": [...], "labelled": [...], "unlabelled":
+    [...]}``, image base names, sorted) to ``path``, so that a later evaluation can check it scores the cases that
+    training held out (see :func:`eval_datalist`). Written to a temporary file and renamed into place.
+
+    Args:
+        splits: the output of :func:`load_splits`.
+        path: the JSON file, conventionally ``<ckpt_dir>/split.json``.
+
+    Returns:
+        ``path``.
+    """
+    record = {k: _case_names(v) for k, v in splits.items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
 def eval_datalist(
-    splits: dict[str, list[dict]], eval_split: str = "val", dataset_dir: str = "the dataset"
+    splits: dict[str, list[dict]],
+    eval_split: str = "val",
+    dataset_dir: str = "the dataset",
+    record: str | None = None,
 ) -> list[dict]:
     """The labelled cases ``evaluate.json`` scores: ``splits[eval_split]``.
 
@@ -261,12 +298,16 @@ def eval_datalist(
         splits: the output of :func:`load_splits` (with the ``test_fraction`` / ``test_seed`` training used).
         eval_split: ``"val"`` (the checkpoint-selection cases) or ``"test"`` (the fixed test set).
         dataset_dir: the dataset, quoted in errors.
+        record: the ``split.json`` that training wrote beside its checkpoints (:func:`record_split`); when the file
+            exists, the cases to score must be the ones it lists for ``eval_split``. None or a missing file: no
+            check (e.g. a downloaded bundle).
 
     Returns:
         the datalist of ``{"image", "label"}`` items.
 
     Raises:
-        MedclInputError: an unknown ``eval_split``, or ``"test"`` when there is no labelled test set.
+        MedclInputError: an unknown ``eval_split``, ``"test"`` when there is no labelled test set, or cases other
+            than those training held out for ``eval_split`` (split keys differ from training's).
     """
     if eval_split not in EVAL_SPLITS:
         raise MedclInputError(f"eval_split={eval_split!r} must be one of {list(EVAL_SPLITS)}.")
@@ -277,4 +318,15 @@ def eval_datalist(
             "no labels (labelsTs/) and test_fraction is 0. Pass --test_fraction 0.2 (the value training used) "
             "to carve a fixed test set out of 'training', or add labels to the 'test' entries."
         )
+    if record and os.path.isfile(record):
+        with open(record) as f:
+            held_out = json.load(f).get(eval_split)
+        if held_out is not None and sorted(held_out) != _case_names(items):
+            extra = sorted(set(_case_names(items)) - set(held_out))
+            raise MedclInputError(
+                f"{record}: training held out other '{eval_split}' cases than this evaluation would score "
+                f"({len(extra)} not in training's {eval_split!r} list, e.g. {extra[:3]}); scoring them could score "
+                "training cases. Pass the split keys training used (--seed / --split_seed, --val_fraction, "
+                "--label_fraction / --num_labelled, --test_fraction, --test_seed)."
+            )
     return items
