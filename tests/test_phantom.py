@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import platform
 import runpy
 import sys
 import warnings
@@ -17,6 +20,43 @@ from medcl.data.phantom import ORGAN_SETS, generate_case, generate_dataset, main
 
 SMALL = (32, 32, 24)
 DEMO = (64, 64, 48)
+
+# Fingerprint of the standard phantom as it was before the "varied" variant existed (commit 118bb19), for
+# generate_case(index, seed, (32, 32, 32), organ_set), index 0 and 1 of each organ set (abdomen, pelvis, thorax):
+# - "labels": sha256 prefix of the label maps and affines; the same on every floating-point kernel tried;
+# - "images": sha256 prefixes of the float32 images. The last bits depend on numpy's SIMD kernels (AVX-512, AVX2,
+#   SSE) and OpenBLAS's, so there is one digest per combination, measured with NPY_DISABLE_CPU_FEATURES and
+#   OPENBLAS_CORETYPE (numpy 2.4.6, scipy 1.17.1 as in constraints.txt; max difference between them 0.007 HU);
+# - "moments": mean and std (HU) of each image, equal to 1e-3 HU on all of those kernels.
+_STANDARD_REFERENCE = {
+    0: {
+        "labels": "ea4a3cda59369d3b",
+        "images": {
+            "8ea85946f45fd6aa",
+            "7e2054f2af8f6b98",
+            "50f3ce1c405191b5",
+            "1ddce4e7944cb615",
+            "d30422b3ce7acb1f",
+            "e177c35f050ab827",
+        },
+        "moments": [-402.671, 490.092, -402.728, 493.351, -407.023, 491.356]
+        + [-442.064, 490.437, -478.706, 468.409, -570.298, 471.784],
+    },
+    1: {
+        "labels": "c3064e6dbd453da5",
+        "images": {
+            "83cbcaf1a2057cd0",
+            "21536b65f2c9e34d",
+            "e60d334c4352f074",
+            "4544256a1e031521",
+            "ad43d27b1086a1b0",
+            "13389a9a980fa1ff",
+        },
+        "moments": [-417.956, 496.122, -321.48, 476.426, -317.018, 467.248]
+        + [-566.987, 488.844, -568.095, 468.505, -685.573, 421.462],
+    },
+}
+_REFERENCE_PLATFORM = ("x86_64", "2.4.6", "1.17.1")  # machine, numpy, scipy the image digests were measured with
 
 
 def _nominal_hu(organ_set: str) -> dict[int, float]:
@@ -60,6 +100,40 @@ def test_case_independent_of_number_of_cases(tmp_path):
     x, ximg = _load(os.path.join(os.path.dirname(p3), "imagesTr", "phantomabdomen_002.nii.gz"))
     np.testing.assert_array_equal(x, np.round(image).astype(np.int16))
     np.testing.assert_allclose(ximg.affine, affine, atol=1e-5)
+
+
+@functools.cache
+def _standard_fingerprint(seed: int) -> tuple[str, str, list[float]]:
+    labels, images, moments = hashlib.sha256(), hashlib.sha256(), []
+    for organ_set in ("abdomen", "pelvis", "thorax"):
+        for index in (0, 1):
+            image, label, affine = generate_case(index, seed=seed, shape=(32, 32, 32), organ_set=organ_set)
+            labels.update(label.tobytes())
+            labels.update(affine.tobytes())
+            images.update(image.tobytes())
+            moments += [float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))]
+    return labels.hexdigest()[:16], images.hexdigest()[:16], moments
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_standard_output_unchanged(seed):
+    """The default (standard) phantom renders the same labels, affines and intensities as before (any platform)."""
+    labels, _, moments = _standard_fingerprint(seed)
+    reference = _STANDARD_REFERENCE[seed]
+    assert labels == reference["labels"], "label maps or affines of the standard phantom changed"
+    np.testing.assert_allclose(moments, reference["moments"], rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_standard_output_bit_identical(seed):
+    """... and bit-identical images, checked where the image digests were measured (the float kernels differ)."""
+    import scipy
+
+    here = (platform.machine(), np.__version__, scipy.__version__)
+    if here != _REFERENCE_PLATFORM:
+        pytest.skip(f"image digests were measured on {_REFERENCE_PLATFORM} (machine, numpy, scipy), this is {here}")
+    _, images, _ = _standard_fingerprint(seed)
+    assert images in _STANDARD_REFERENCE[seed]["images"], f"standard phantom images changed (digest {images})"
 
 
 # ------------------------------------------------------------------------------------------ files / geometry
