@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medcl.data.phantom import ORGAN_SETS, generate_case, generate_dataset, main, organ_labels
+from medcl.data.phantom import ORGAN_SETS, PHANTOM_VARIANTS, generate_case, generate_dataset, main, organ_labels
+from medcl.errors import MedclInputError
 
 SMALL = (32, 32, 24)
 DEMO = (64, 64, 48)
@@ -71,6 +72,25 @@ def _nominal_hu(organ_set: str) -> dict[int, float]:
 def _load(path):
     img = nib.load(path)
     return np.asarray(img.dataobj), img
+
+
+def _air_noise_std(image: np.ndarray) -> float:
+    """Noise sd in the air around the body: 97.7th minus 84.1th percentile (2 sd - 1 sd; the clip at -1024 HU cuts
+    only the low tail). Air has no texture, bias or blur, so this measures the added noise alone."""
+    body = ndimage.binary_dilation(ndimage.gaussian_filter(image, 1.0) > -500, iterations=3)
+    air = image[~body]
+    return float(np.percentile(air, 97.725) - np.percentile(air, 84.134))
+
+
+def _organ_contrast(image: np.ndarray, label: np.ndarray, c: int) -> float | None:
+    """Median HU inside class ``c`` (eroded) minus that of its unlabelled 2-voxel neighbourhood; None if absent."""
+    mask = label == c
+    if mask.sum() < 20:
+        return None
+    inner = ndimage.binary_erosion(mask)
+    inner = inner if inner.sum() >= 10 else mask
+    shell = ndimage.binary_dilation(mask, iterations=2) & (label == 0) & (image > -900)
+    return float(np.median(image[inner]) - np.median(image[shell]))
 
 
 # ----------------------------------------------------------------------------------------------- determinism
@@ -160,14 +180,15 @@ def test_written_files_agree(tmp_path):
         assert (image[0, 0, :] < -900).all()  # corner of the field of view is air
 
 
+@pytest.mark.parametrize("variant", sorted(PHANTOM_VARIANTS))
 @pytest.mark.parametrize("organ_set", sorted(ORGAN_SETS))
-def test_labels_valid_and_classes_present_in_most_cases(organ_set):
+def test_labels_valid_and_classes_present_in_most_cases(organ_set, variant):
     labels = organ_labels(organ_set)
     present = {c: 0 for c in labels if c}
     n_cases = 30
     for i in range(n_cases):
         shape = SMALL if i < 3 else (24, 24, 24)  # mostly tiny volumes, to keep the test fast
-        image, label, affine = generate_case(i, seed=0, shape=shape, organ_set=organ_set)
+        image, label, affine = generate_case(i, seed=0, shape=shape, organ_set=organ_set, variant=variant)
         assert image.dtype == np.float32 and label.dtype == np.uint8 and affine.shape == (4, 4)
         assert image.shape == label.shape == shape
         assert set(np.unique(label).tolist()) <= set(labels)
@@ -241,6 +262,56 @@ def test_liver_spleen_not_separable_by_a_threshold():
         assert spleen.any() and liver.sum() > 3 * spleen.sum()
 
 
+# --------------------------------------------------------------------------------------------- varied variant
+
+
+def test_varied_variant_is_deterministic_and_differs_from_standard():
+    a = generate_case(1, seed=0, shape=SMALL, variant="varied")
+    b = generate_case(1, seed=0, shape=SMALL, variant="varied")
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], generate_case(1, seed=1, shape=SMALL, variant="varied")[0])
+    standard = generate_case(1, seed=0, shape=SMALL)
+    for x, y in zip(standard, generate_case(1, seed=0, shape=SMALL, variant="standard"), strict=True):
+        np.testing.assert_array_equal(x, y)  # the default is the standard variant
+    assert not np.array_equal(a[0], standard[0]) and not np.array_equal(a[1], standard[1])
+    np.testing.assert_array_equal(a[2], standard[2])  # same geometry (spacing, origin)
+
+
+def test_varied_variant_spreads_noise_and_organ_volume_more():
+    """Over 12 cases, the varied variant's per-case noise level and liver volume vary more than the standard's."""
+    spread = {}
+    for variant in ("standard", "varied"):
+        noise, liver = [], []
+        for i in range(12):
+            image, label, _ = generate_case(i, seed=0, shape=(32, 32, 32), variant=variant)
+            noise.append(_air_noise_std(image))
+            liver.append(int((label == 1).sum()))
+        spread[variant] = (np.std(noise), np.std(liver) / np.mean(liver))
+    (noise_std, liver_cv), (noise_std_v, liver_cv_v) = spread["standard"], spread["varied"]
+    assert 2.5 < noise_std < 4.5, spread  # U(15, 25) HU: sd 2.9
+    assert noise_std_v > 3.0 * noise_std, spread  # U(10, 60) HU: sd 14
+    assert liver_cv_v > 1.4 * liver_cv, spread
+
+
+@pytest.mark.parametrize("organ_set", sorted(ORGAN_SETS))
+def test_varied_variant_organs_still_stand_out(organ_set):
+    """Each organ still differs from its neighbourhood, on the same side as in the standard phantom."""
+    contrast: dict[int, dict[str, list[float]]] = {c: {"standard": [], "varied": []} for c in organ_labels(organ_set)}
+    del contrast[0]
+    for variant in ("standard", "varied"):
+        for i in range(6):
+            image, label, _ = generate_case(i, seed=0, shape=(32, 32, 32), organ_set=organ_set, variant=variant)
+            for c in contrast:
+                value = _organ_contrast(image, label, c)
+                if value is not None:
+                    contrast[c][variant].append(value)
+    for c, values in contrast.items():
+        name = organ_labels(organ_set)[c]
+        standard, varied = np.mean(values["standard"]), np.mean(values["varied"])
+        assert abs(varied) > 8.0 and np.sign(varied) == np.sign(standard), (organ_set, name, values)
+
+
 # ----------------------------------------------------------------------------------------------- organ sets
 
 
@@ -306,6 +377,15 @@ def test_dataset_json_msd_layout_and_monai(tmp_path):
     for item in train:
         assert os.path.isfile(item["image"]) and os.path.isfile(item["label"])
     assert all(os.path.isfile(item["image"]) for item in test)
+    assert meta["medcl_phantom"]["variant"] == "standard"
+
+
+def test_dataset_json_records_varied_variant(tmp_path):
+    path = generate_dataset(tmp_path, n=1, n_test=1, seed=2, shape=(16, 16, 16), variant="varied")
+    meta = json.loads(open(path).read())
+    assert meta["medcl_phantom"]["variant"] == "varied" and "varied variant" in meta["description"]
+    image, label, _ = generate_case(1, seed=2, shape=(16, 16, 16), variant="varied")  # the unlabelled test case
+    np.testing.assert_array_equal(_load(str(tmp_path / "imagesTs" / "phantomabdomen_001.nii.gz"))[0], np.round(image))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -322,6 +402,9 @@ def test_cli_main_writes_dataset(tmp_path, capsys):
     assert meta["numTraining"] == 2 and meta["name"] == "PhantomPelvis"
     image, _ = _load(str(out / "imagesTr" / "phantompelvis_001.nii.gz"))
     assert image.shape == (16, 16, 12)
+    main(["--out", str(tmp_path / "cli3"), "--n", "1", "--n_test", "0", "--shape", "16,16,16", "--variant", "varied"])
+    assert "varied variant" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli3" / "dataset.json").read_text())["medcl_phantom"]["variant"] == "varied"
     main(["--out", str(tmp_path / "cli2"), "--n", "1", "--n_test", "0", "--shape", "[16,12,10]"])
     assert _load(str(tmp_path / "cli2" / "labelsTr" / "phantomabdomen_000.nii.gz"))[0].shape == (16, 12, 10)
 
@@ -354,6 +437,8 @@ def test_cli_python_dash_m(tmp_path, monkeypatch, capsys):
         ({"shape": "32,32"}, "3 positive integers"),
         ({"shape": "big"}, "3 positive integers"),
         ({"shape": (32, 32, 4)}, "at least 8"),
+        ({"variant": "foo"}, "unknown variant 'foo'; valid variants: standard, varied"),
+        ({"variant": None}, "valid variants: standard, varied"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path, kwargs, message):
@@ -373,3 +458,8 @@ def test_bad_arguments_generate_case_and_cli(tmp_path):
         main(["--out", str(tmp_path), "--n", "0"])
     with pytest.raises(ValueError, match="3 positive integers"):
         main(["--out", str(tmp_path), "--shape", "32,32"])
+    with pytest.raises(ValueError, match="unknown variant 'foo'"):
+        generate_case(0, variant="foo")
+    with pytest.raises(MedclInputError, match=r"^unknown variant 'foo'; valid variants: standard, varied$"):
+        main(["--out", str(tmp_path / "bad"), "--n", "1", "--variant", "foo"])
+    assert not (tmp_path / "bad").exists()  # checked before anything is written

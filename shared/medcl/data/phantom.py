@@ -22,7 +22,8 @@ What it models:
 - **Image formation**: air (-1000 HU) outside an elliptical body; per-structure texture (smoothed noise);
   partial volume at every border (each structure's occupancy is a one-voxel linear ramp of its signed distance,
   and structures are alpha-composited with it); a small Gaussian point-spread function; a smooth additive and
-  multiplicative bias field; white Gaussian noise with a per-case standard deviation of 15-25 HU.
+  multiplicative bias field; white Gaussian noise with a per-case standard deviation of 15-25 HU (ranges of the
+  ``"standard"`` variant; see *Variants*).
 - **Labels**: a voxel gets a structure's label where its occupancy is >= 0.5. Structures are painted in a fixed
   order, later ones override earlier ones (unlabelled distractors painted later erase labels underneath them, as
   a gallbladder cuts into the liver), so labels never overlap and always agree with the image.
@@ -46,9 +47,40 @@ all        air -1000, subcutaneous fat -100, muscle wall 50, spine (abdomen, tho
            vertebral cortex 850 / cancellous 320, posterior elements 650
 =========  ==========================================================================================
 
+Variants (``variant=`` of :func:`generate_case` and :func:`generate_dataset`, ``--variant`` of the CLI; recorded as
+``medcl_phantom["variant"]`` in ``dataset.json``). All ranges are frozen in the table :data:`PHANTOM_VARIANTS`
+(:class:`PhantomVariant`):
+
+- ``"standard"`` (default): the ranges given above; its output does not change (pinned by a checksum test).
+- ``"varied"``: realistic inter-subject variability. Why: standard cases differ little (one contrast, similar
+  noise and organ sizes), so a network trained on 3 labelled cases nearly matches one trained on 40 and
+  label-efficient methods have no headroom to show; clinical CT differs across patients, scanners and protocols in
+  the ways below, and the ranges stay within what clinical scans show. Per case, drawn from the case's seeded
+  generator (standard value -> varied range):
+
+  - contrast phase: HU (relative to water) of every enhancing structure (nominal HU in [-20, 300]: soft tissue,
+    blood, urine, bile; fat, air, lung and bone keep theirs) x U(0.7, 1.6) (1 -> non-contrast to portal-venous-like,
+    liver ~40-100 HU), times a per-structure exp(N(0, 0.12)) (organs enhance differently, as in arterial vs
+    portal phases; each organ stays brighter than the fat or visceral background it sits in);
+  - noise sd U(15, 25) -> U(10, 60) HU (dose, patient size, kernel); additive bias field U(3, 8) -> U(5, 30) HU and
+    multiplicative U(0.003, 0.01) -> U(0.005, 0.04) (cupping, scatter);
+  - calibration: offset 0 -> U(-10, 10) HU, gain about water 1 -> U(0.98, 1.02); point-spread function width
+    (sigma 0.4, 0.4, 0.3 voxels) x 1 -> x U(1.0, 2.5) (reconstruction kernel, slice profile);
+  - patient size (log sd per axis) 0.06, 0.06, 0.04 -> 0.10, 0.10, 0.07; rotation 1.5, 1.5, 4 -> 3, 3, 8 degrees;
+    shift 0.03, 0.03, 0.05 -> 0.07, 0.07, 0.10 (field-of-view units); elastic amplitude 0.018 -> 0.025;
+  - organ position jitter x 2.5 and size jitter x 2.0 (of each structure's ``jitter`` / ``scale_jitter``), for
+    structures below 300 HU: the skeleton keeps the standard jitter, so a femoral head stays in its socket.
+
+  Label maps, organ sets, geometry, absent classes and label/image consistency are as in the standard variant.
+
+Unlabelled pool: the ``n_test`` test cases (``imagesTs``, no labels) come from the same distribution, so a large
+``n_test`` makes a large unlabelled pool for semi-/self-supervised methods, e.g.
+``medcl-phantom --out data/phantom_varied --variant varied --n 40 --n_test 200 --seed 0``.
+
 Limits: the anatomy is a caricature (topology and relative positions are plausible, fine shape detail is not);
 it is scaled to the field of view, so physical sizes are not anatomically faithful (a 64-voxel matrix at 1.6 mm
-covers ~10 cm); there is no contrast phase logic, no streak/beam-hardening/metal artefacts, and the noise is
+covers ~10 cm); contrast phases are a per-case scaling of the enhancing structures' HU (``"varied"``), not a
+model of contrast kinetics; there are no streak/beam-hardening/metal artefacts, and the noise is
 white rather than CT's correlated noise texture. Use it to test pipelines and compare methods relative to each
 other, not to draw clinical conclusions.
 
@@ -57,7 +89,8 @@ Example::
     from medcl.data.phantom import generate_dataset
     path = generate_dataset("data/phantom", n=40, seed=0)   # -> data/phantom/dataset.json
 
-or from a shell: ``medcl-phantom --out data/phantom --n 40 --seed 0``.
+or from a shell: ``medcl-phantom --out data/phantom --n 40 --seed 0`` (``--variant varied`` for wider
+inter-subject variability, ``--n_test 200`` for a large unlabelled pool).
 """
 
 from __future__ import annotations
@@ -80,6 +113,8 @@ __all__ = [
     "Structure",
     "OrganSet",
     "ORGAN_SETS",
+    "PhantomVariant",
+    "PHANTOM_VARIANTS",
     "organ_labels",
     "generate_case",
     "generate_dataset",
@@ -517,6 +552,111 @@ ORGAN_SETS: dict[str, OrganSet] = {s.name: s for s in (_ABDOMEN, _PELVIS, _THORA
 """Organ-set name -> :class:`OrganSet` (label map and structure table)."""
 
 
+@dataclass(frozen=True)
+class PhantomVariant:
+    """The per-case random ranges of a phantom variant, a row of :data:`PHANTOM_VARIANTS` (see the module docstring).
+
+    ``(lo, hi)`` pairs are uniform ranges and ``*_sd`` standard deviations of normal draws; ``position_factor``
+    and ``size_factor`` multiply the per-structure jitters of the organ-set tables (:class:`Structure`). The extras
+    (``contrast``, ``organ_contrast_sd``, ``offset_hu``, ``gain``, ``psf_factor``) are drawn from the case's
+    generator only where the range is not a single value (a non-zero sd), after the standard draws: the standard
+    variant draws exactly the random numbers it drew before variants existed.
+
+    Attributes:
+        name: variant name (key of :data:`PHANTOM_VARIANTS`).
+        patient_scale_sd: log patient size, per axis (x, y, z).
+        patient_rot_sd: patient rotation (degrees) about x, y, z.
+        patient_shift_sd: patient position (normalised field-of-view units), per axis.
+        elastic_amp: amplitude of each plane wave of the smooth displacement field (normalised units).
+        position_factor: multiplies the centre jitter (:attr:`Structure.jitter`) of every soft-tissue, fluid or
+            air structure (nominal HU below ``rigid_hu``).
+        size_factor: multiplies the log size jitter (:attr:`Structure.scale_jitter`) of the same structures.
+        rigid_hu: structures at or above this nominal HU (bone) keep the tables' jitter: the skeleton stays
+            rigid and in place (a femoral head stays in its acetabulum, vertebrae stay stacked).
+        bias_add_hu: amplitude of the additive bias field (HU).
+        bias_mul: amplitude of the multiplicative bias field (relative to the attenuation, HU + 1000).
+        noise_sd_hu: standard deviation of the white noise (HU).
+        contrast: per-case enhancement (contrast phase) factor: the HU of every enhancing structure (relative to
+            water, 0 HU) is multiplied by it; 1 = nominal intensities.
+        organ_contrast_sd: per-structure log factor on top of ``contrast`` (organs enhance differently in each
+            case, as in arterial vs portal-venous phases).
+        enhancing_hu: nominal-HU window of the structures that enhance (soft tissue, blood, urine, bile); fat,
+            air, lung and bone keep their HU.
+        offset_hu: global intensity offset (HU), scanner calibration.
+        gain: global intensity scale about water (0 HU), scanner calibration.
+        psf_factor: multiplies the point-spread function's width (Gaussian sigma 0.4, 0.4, 0.3 voxels).
+    """
+
+    name: str
+    patient_scale_sd: tuple[float, float, float]
+    patient_rot_sd: tuple[float, float, float]
+    patient_shift_sd: tuple[float, float, float]
+    elastic_amp: float
+    position_factor: float
+    size_factor: float
+    rigid_hu: float
+    bias_add_hu: tuple[float, float]
+    bias_mul: tuple[float, float]
+    noise_sd_hu: tuple[float, float]
+    contrast: tuple[float, float]
+    organ_contrast_sd: float
+    enhancing_hu: tuple[float, float]
+    offset_hu: tuple[float, float]
+    gain: tuple[float, float]
+    psf_factor: tuple[float, float]
+
+
+PHANTOM_VARIANTS: dict[str, PhantomVariant] = {
+    "standard": PhantomVariant(
+        name="standard",
+        patient_scale_sd=(0.06, 0.06, 0.04),
+        patient_rot_sd=(1.5, 1.5, 4.0),
+        patient_shift_sd=(0.03, 0.03, 0.05),
+        elastic_amp=0.018,
+        position_factor=1.0,
+        size_factor=1.0,
+        rigid_hu=300.0,
+        bias_add_hu=(3.0, 8.0),
+        bias_mul=(0.003, 0.01),
+        noise_sd_hu=(15.0, 25.0),
+        contrast=(1.0, 1.0),
+        organ_contrast_sd=0.0,
+        enhancing_hu=(-20.0, 300.0),
+        offset_hu=(0.0, 0.0),
+        gain=(1.0, 1.0),
+        psf_factor=(1.0, 1.0),
+    ),
+    "varied": PhantomVariant(
+        name="varied",
+        patient_scale_sd=(0.10, 0.10, 0.07),
+        patient_rot_sd=(3.0, 3.0, 8.0),
+        patient_shift_sd=(0.07, 0.07, 0.10),
+        elastic_amp=0.025,
+        position_factor=2.5,
+        size_factor=2.0,
+        rigid_hu=300.0,
+        bias_add_hu=(5.0, 30.0),
+        bias_mul=(0.005, 0.04),
+        noise_sd_hu=(10.0, 60.0),
+        contrast=(0.7, 1.6),
+        organ_contrast_sd=0.12,
+        enhancing_hu=(-20.0, 300.0),
+        offset_hu=(-10.0, 10.0),
+        gain=(0.98, 1.02),
+        psf_factor=(1.0, 2.5),
+    ),
+}
+"""Variant name -> :class:`PhantomVariant`: the frozen per-case ranges of each phantom variant."""
+
+_VARIED_NOTE = "varied variant: per-case contrast phase, noise, bias field, calibration, blur, organ size and position"
+
+
+def _get_variant(variant: str) -> PhantomVariant:
+    if not isinstance(variant, str) or variant.lower() not in PHANTOM_VARIANTS:
+        raise MedclInputError(f"unknown variant {variant!r}; valid variants: {', '.join(PHANTOM_VARIANTS)}")
+    return PHANTOM_VARIANTS[variant.lower()]
+
+
 def _get_organ_set(organ_set: str) -> OrganSet:
     if not isinstance(organ_set, str) or organ_set.lower() not in ORGAN_SETS:
         raise MedclInputError(f"unknown organ_set {organ_set!r}; valid organ sets: {', '.join(sorted(ORGAN_SETS))}")
@@ -651,12 +791,188 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], sigma: 
     return (t / (t.std() + 1e-6)).astype(np.float32)
 
 
+@dataclass
+class _Case:
+    """The random parameters of one case (drawn by :func:`_draw_case` before any shape-dependent array)."""
+
+    s_inplane: float
+    s_slice: float
+    origin_jitter: np.ndarray
+    table_z: float
+    g_scale: np.ndarray
+    g_rot: np.ndarray
+    g_shift: np.ndarray
+    elastic: list
+    bias_add: list
+    bias_mul: list
+    bias_add_amp: float
+    bias_mul_amp: float
+    noise_sd: float
+    stripe_phase: float
+    per_structure: list  # (8 normals, 1 + len(parts) uniforms) per structure
+    enhancement: np.ndarray  # per structure: factor of its HU (relative to water) if it enhances
+    offset_hu: float
+    gain: float
+    psf_factor: float
+
+
+def _draw_range(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    """A uniform draw in ``bounds``; a single value (``lo == hi``) is returned without drawing."""
+    lo, hi = bounds
+    return float(lo) if lo == hi else float(rng.uniform(lo, hi))
+
+
+def _draw_case(rng: np.random.Generator, spec: OrganSet, var: PhantomVariant) -> _Case:
+    """Draw a case's parameters, in the order the standard phantom always drew them, then the variant's extras."""
+    s_inplane = rng.uniform(1.4, 1.8)
+    s_slice = rng.uniform(2.0, 3.0)
+    origin_jitter = rng.normal(0.0, [5.0, 5.0, 20.0])
+    table_z = rng.uniform(-300.0, 100.0)
+    g_scale = np.exp(rng.normal(0.0, var.patient_scale_sd))  # patient size (per axis)
+    g_rot = rng.normal(0.0, var.patient_rot_sd)
+    g_shift = rng.normal(0.0, var.patient_shift_sd)
+    elastic = _waves(rng, 6, (1.5, 3.5), var.elastic_amp, 3)
+    bias_add = _waves(rng, 3, (0.4, 1.4), 1.0, 1)
+    bias_mul = _waves(rng, 3, (0.4, 1.4), 1.0, 1)
+    bias_add_amp = rng.uniform(*var.bias_add_hu)  # HU
+    bias_mul_amp = rng.uniform(*var.bias_mul)  # relative to attenuation (HU + 1000)
+    noise_sd = rng.uniform(*var.noise_sd_hu)
+    stripe_phase = rng.uniform(0.0, 2.0 * np.pi)
+    per_structure = [(rng.standard_normal(8), rng.random(1 + len(st.parts))) for st in spec.structures]
+    # variant extras: drawn only where a range is not a single value (the standard variant draws none of them)
+    enhancement = np.full(len(spec.structures), _draw_range(rng, var.contrast))
+    if var.organ_contrast_sd > 0:
+        enhancement *= np.exp(rng.normal(0.0, var.organ_contrast_sd, len(spec.structures)))
+    offset_hu = _draw_range(rng, var.offset_hu)
+    gain = _draw_range(rng, var.gain)
+    psf_factor = _draw_range(rng, var.psf_factor)
+    return _Case(
+        s_inplane, s_slice, origin_jitter, table_z, g_scale, g_rot, g_shift, elastic, bias_add, bias_mul,
+        bias_add_amp, bias_mul_amp, noise_sd, stripe_phase, per_structure, enhancement, offset_hu, gain, psf_factor,
+    )  # fmt: skip
+
+
+def _coordinates(shape: tuple[int, int, int], case: _Case) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel centres ``u`` in [-1, 1] and the anatomy coordinates ``p`` (patient transform, elastic deformation)."""
+    axes = [((np.arange(n, dtype=np.float32) + 0.5) / n) * 2.0 - 1.0 for n in shape]
+    u = np.stack(np.meshgrid(*axes, indexing="ij"))  # (3, X, Y, Z)
+    rg = _rotation(case.g_rot).astype(np.float32)
+    p = _affine_field(rg.T, u, -rg.T @ case.g_shift)
+    p /= case.g_scale.astype(np.float32)[:, None, None, None]
+    p += _eval_waves(case.elastic, p, 3)
+    return u, p
+
+
+def _enhance(hu: float, nominal: float, factor: float, window: tuple[float, float]) -> float:
+    """Contrast enhancement: ``hu * factor`` (relative to water, 0 HU) if ``nominal`` is in the enhancing window."""
+    return hu * factor if window[0] <= nominal <= window[1] else hu
+
+
+def _structure_field(st: Structure, nrm: np.ndarray, p: np.ndarray, var: PhantomVariant, stripe_phase: float):
+    """Implicit function of a structure (negative inside), its local coordinates ``q`` and tube points."""
+    soft = st.hu < var.rigid_hu  # bone keeps the organ-set table's jitter
+    center = np.asarray(st.center, dtype=np.float64) + nrm[0:3] * (st.jitter * (var.position_factor if soft else 1.0))
+    scale = np.exp(nrm[3:6] * (st.scale_jitter * (var.size_factor if soft else 1.0)))
+    rot = np.asarray(st.rotation, dtype=np.float64) + nrm[6] * st.rot_jitter * np.array([0.5, 0.5, 1.0])
+    r = _rotation(rot)
+    size = np.ones(3) if st.is_tube else np.asarray(st.radii, dtype=np.float64)
+    inv = r.T / (size * scale)[:, None]
+    q = _affine_field(inv, p, -inv @ center)
+    pts = np.asarray(st.points, dtype=np.float64)
+    f = _tube(q, pts, st.radius) if st.is_tube else _superquadric(q, st.exponent)
+    if st.hollow > 0:
+        f = np.abs(f) - np.float32(st.hollow)
+    if st.stripes is not None:
+        period, duty = st.stripes
+        theta = p[2] * np.float32(2.0 * np.pi / period) + np.float32(stripe_phase)
+        f_stripe = (np.float32(np.cos(np.pi * duty)) - np.cos(theta)) * np.float32(period / (2.0 * np.pi))
+        f = np.maximum(f, f_stripe)
+    return f, q, pts
+
+
+def _part_occupancy(st: Structure, part: Part, q: np.ndarray, pts: np.ndarray, occ: np.ndarray) -> np.ndarray:
+    qp = q - np.asarray(part.offset, dtype=np.float32)[:, None, None, None]
+    if st.is_tube:
+        fp = _tube(qp, pts, st.radius * part.scale)
+    else:
+        fp = _superquadric(qp / np.float32(part.scale), st.exponent)
+    return np.minimum(_occupancy(fp.astype(np.float32, copy=False)), occ)
+
+
+def _render(spec: OrganSet, case: _Case, var: PhantomVariant, p: np.ndarray, textures: tuple[np.ndarray, np.ndarray]):
+    """Paint the structures in order: the noiseless image (HU), the label map and each structure's occupancy."""
+    tex_fine, tex_coarse = textures
+    image = np.full(p.shape[1:], AIR_HU, dtype=np.float32)
+    label = np.zeros(p.shape[1:], dtype=np.uint8)
+    occupancies: dict[str, np.ndarray] = {}
+
+    def paint(occ: np.ndarray, hu: float, tex: float, fine: float, lab: int) -> None:
+        value = np.float32(hu) + np.float32(tex) * (
+            np.float32(fine) * tex_fine + np.float32(np.sqrt(max(0.0, 1.0 - fine * fine))) * tex_coarse
+        )
+        image[...] = image * (1.0 - occ) + occ * value
+        label[occ >= 0.5] = lab
+
+    for st, (nrm, uni), factor in zip(spec.structures, case.per_structure, case.enhancement, strict=True):
+        if uni[0] < st.p_absent:
+            continue
+        f, q, pts = _structure_field(st, nrm, p, var, case.stripe_phase)
+        occ = _occupancy(f.astype(np.float32, copy=False))
+        if st.clip is not None and st.clip in occupancies:
+            occ = np.minimum(occ, occupancies[st.clip])
+        occupancies[st.name] = occ
+        hu = st.hu + nrm[7] * st.hu_jitter
+        paint(occ, _enhance(hu, st.hu, factor, var.enhancing_hu), st.tex, st.tex_fine, st.label)
+        for part, u_part in zip(st.parts, uni[1:], strict=True):
+            if u_part >= part.p_present:
+                continue
+            part_hu = _enhance(part.hu + (hu - st.hu), part.hu, factor, var.enhancing_hu)
+            part_label = st.label if part.label is None else part.label
+            paint(_part_occupancy(st, part, q, pts, occ), part_hu, part.tex, 0.7, part_label)
+    return image, label, occupancies
+
+
+def _form_image(image: np.ndarray, case: _Case, u: np.ndarray, body: np.ndarray | None, noise: np.ndarray):
+    """Point-spread function, bias field, noise, calibration (offset and gain about water), clipping."""
+    psf = (0.4 * case.psf_factor, 0.4 * case.psf_factor, 0.3 * case.psf_factor)  # sigma (voxels)
+    image = ndimage.gaussian_filter(image, psf, mode="nearest")
+    add = _eval_waves(case.bias_add, u, 1)[0] * np.float32(case.bias_add_amp / np.sqrt(len(case.bias_add)))
+    mul = 1.0 + _eval_waves(case.bias_mul, u, 1)[0] * np.float32(case.bias_mul_amp / np.sqrt(len(case.bias_mul)))
+    if body is not None:
+        add *= body
+    image = (image - AIR_HU) * mul + AIR_HU + add + noise * np.float32(case.noise_sd)
+    if case.gain != 1.0 or case.offset_hu != 0.0:
+        image = image * np.float32(case.gain) + np.float32(case.offset_hu)
+    return np.clip(image, -1024.0, 3071.0).astype(np.float32)
+
+
+def _case_affine(shape: tuple[int, int, int], case: _Case) -> np.ndarray:
+    """LPS-style DICOM/ITK geometry written as RAS NIfTI: ``diag(-sx, -sy, sz)`` plus an origin near the centre."""
+    sx = sy = float(case.s_inplane)
+    sz = float(case.s_slice)
+    n = np.asarray(shape, dtype=np.float64)
+    origin_lps = np.array(
+        [
+            -sx * (n[0] - 1) / 2.0 + case.origin_jitter[0],
+            -sy * (n[1] - 1) / 2.0 + case.origin_jitter[1],
+            case.table_z + case.origin_jitter[2],
+        ]
+    )
+    affine = np.diag([-sx, -sy, sz, 1.0])
+    affine[:3, 3] = [-origin_lps[0], -origin_lps[1], origin_lps[2]]
+    return affine
+
+
 def generate_case(
-    index: int, seed: int = 0, shape: Sequence[int] = (64, 64, 48), organ_set: str = "abdomen"
+    index: int,
+    seed: int = 0,
+    shape: Sequence[int] = (64, 64, 48),
+    organ_set: str = "abdomen",
+    variant: str = "standard",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate one phantom case (image in HU, label map, affine).
 
-    The case depends only on ``(seed, index, organ_set)`` (random generator
+    The case depends only on ``(seed, index, organ_set, variant)`` (random generator
     ``np.random.default_rng([seed, index, set_id])``), not on how many other cases are generated or in which order.
     The random anatomy parameters are drawn before any shape-dependent array, so the same case rendered at another
     ``shape`` has the same anatomy (textures and noise differ).
@@ -666,130 +982,34 @@ def generate_case(
         seed: dataset seed (>= 0).
         shape: array shape ``(X, Y, Z)``, at least 8 voxels per axis; Z is the slice axis.
         organ_set: name of the organ set, a key of :data:`ORGAN_SETS` (``"abdomen"``, ``"pelvis"``, ``"thorax"``).
+        variant: ``"standard"`` (default) or ``"varied"`` (wider inter-subject variability), a key of
+            :data:`PHANTOM_VARIANTS`.
 
     Returns:
-        ``(image, label, affine)``: ``image`` float32 HU of shape ``shape`` (air -1000, clipped to
+        ``(image, label, affine)``: ``image`` float32 HU of shape ``shape`` (air about -1000, clipped to
         [-1024, 3071]); ``label`` uint8 with values in ``organ_labels(organ_set)``; ``affine`` float64 4x4,
         ``diag(-sx, -sy, sz)`` with in-plane spacing in [1.4, 1.8] mm and slice spacing in [2.0, 3.0] mm.
 
     Raises:
-        ValueError: (:class:`medcl.errors.MedclInputError`) for a negative index/seed, a bad shape or an unknown
-            organ set.
+        ValueError: (:class:`medcl.errors.MedclInputError`) for a negative index/seed, a bad shape, an unknown
+            organ set or an unknown variant.
     """
     spec = _get_organ_set(organ_set)
+    var = _get_variant(variant)
     index = _check_int(index, "index", 0)
     seed = _check_int(seed, "seed", 0)
     shape = _parse_shape(shape)
     rng = np.random.default_rng([seed, index, spec.set_id])
-
-    # ---- case-level scalar parameters (independent of shape) ----
-    s_inplane = rng.uniform(1.4, 1.8)
-    s_slice = rng.uniform(2.0, 3.0)
-    origin_jitter = rng.normal(0.0, [5.0, 5.0, 20.0])
-    table_z = rng.uniform(-300.0, 100.0)
-    g_scale = np.exp(rng.normal(0.0, [0.06, 0.06, 0.04]))  # patient size (per axis)
-    g_rot = rng.normal(0.0, [1.5, 1.5, 4.0])
-    g_shift = rng.normal(0.0, [0.03, 0.03, 0.05])
-    elastic = _waves(rng, 6, (1.5, 3.5), 0.018, 3)
-    bias_add = _waves(rng, 3, (0.4, 1.4), 1.0, 1)
-    bias_mul = _waves(rng, 3, (0.4, 1.4), 1.0, 1)
-    bias_add_amp = rng.uniform(3.0, 8.0)  # HU
-    bias_mul_amp = rng.uniform(0.003, 0.01)  # relative to attenuation (HU + 1000)
-    noise_sd = rng.uniform(15.0, 25.0)
-    stripe_phase = rng.uniform(0.0, 2.0 * np.pi)
-    per_structure = []
-    for st in spec.structures:
-        normals = rng.standard_normal(8)
-        uniforms = rng.random(1 + len(st.parts))
-        per_structure.append((normals, uniforms))
-
-    # ---- coordinates: voxel centres in [-1, 1], patient transform, elastic deformation ----
-    axes = [((np.arange(n, dtype=np.float32) + 0.5) / n) * 2.0 - 1.0 for n in shape]
-    u = np.stack(np.meshgrid(*axes, indexing="ij"))  # (3, X, Y, Z)
-    rg = _rotation(g_rot).astype(np.float32)
-    p = _affine_field(rg.T, u, -rg.T @ g_shift)
-    p /= g_scale.astype(np.float32)[:, None, None, None]
-    p += _eval_waves(elastic, p, 3)
-
-    # ---- shape-dependent random fields (drawn after all scalar parameters) ----
-    zr = s_inplane / s_slice
+    case = _draw_case(rng, spec, var)
+    u, p = _coordinates(shape, case)
+    # shape-dependent random fields (drawn after all scalar parameters)
+    zr = case.s_inplane / case.s_slice
     tex_fine = _smooth_noise(rng, shape, (0.8, 0.8, 0.8 * zr))
     tex_coarse = _smooth_noise(rng, shape, (2.5, 2.5, 2.5 * zr))
     noise = rng.standard_normal(shape, dtype=np.float32)
-
-    image = np.full(shape, AIR_HU, dtype=np.float32)
-    label = np.zeros(shape, dtype=np.uint8)
-    occupancies: dict[str, np.ndarray] = {}
-    stripe_z = p[2]
-
-    def paint(occ: np.ndarray, hu: float, tex: float, fine: float, lab: int) -> None:
-        value = np.float32(hu) + np.float32(tex) * (
-            np.float32(fine) * tex_fine + np.float32(np.sqrt(max(0.0, 1.0 - fine * fine))) * tex_coarse
-        )
-        image[...] = image * (1.0 - occ) + occ * value
-        label[occ >= 0.5] = lab
-
-    for st, (nrm, uni) in zip(spec.structures, per_structure, strict=True):
-        absent = uni[0] < st.p_absent
-        if absent:
-            continue
-        center = np.asarray(st.center, dtype=np.float64) + nrm[0:3] * st.jitter
-        scale = np.exp(nrm[3:6] * st.scale_jitter)
-        rot = np.asarray(st.rotation, dtype=np.float64) + nrm[6] * st.rot_jitter * np.array([0.5, 0.5, 1.0])
-        hu = st.hu + nrm[7] * st.hu_jitter
-        r = _rotation(rot)
-        size = np.ones(3) if st.is_tube else np.asarray(st.radii, dtype=np.float64)
-        inv = r.T / (size * scale)[:, None]
-        q = _affine_field(inv, p, -inv @ center)
-        pts = np.asarray(st.points, dtype=np.float64)
-        f = _tube(q, pts, st.radius) if st.is_tube else _superquadric(q, st.exponent)
-        if st.hollow > 0:
-            f = np.abs(f) - np.float32(st.hollow)
-        if st.stripes is not None:
-            period, duty = st.stripes
-            theta = stripe_z * np.float32(2.0 * np.pi / period) + np.float32(stripe_phase)
-            f_stripe = (np.float32(np.cos(np.pi * duty)) - np.cos(theta)) * np.float32(period / (2.0 * np.pi))
-            f = np.maximum(f, f_stripe)
-        occ = _occupancy(f.astype(np.float32, copy=False))
-        if st.clip is not None and st.clip in occupancies:
-            occ = np.minimum(occ, occupancies[st.clip])
-        occupancies[st.name] = occ
-        paint(occ, hu, st.tex, st.tex_fine, st.label)
-        for part, u_part in zip(st.parts, uni[1:], strict=True):
-            if u_part >= part.p_present:
-                continue
-            qp = q - np.asarray(part.offset, dtype=np.float32)[:, None, None, None]
-            if st.is_tube:
-                fp = _tube(qp, pts, st.radius * part.scale)
-            else:
-                fp = _superquadric(qp / np.float32(part.scale), st.exponent)
-            occ_p = np.minimum(_occupancy(fp.astype(np.float32, copy=False)), occ)
-            paint(occ_p, part.hu + (hu - st.hu), part.tex, 0.7, st.label if part.label is None else part.label)
-
-    # ---- image formation: point-spread function, bias field, noise ----
-    image = ndimage.gaussian_filter(image, (0.4, 0.4, 0.3), mode="nearest")
-    body = occupancies.get("body")
-    add = _eval_waves(bias_add, u, 1)[0] * np.float32(bias_add_amp / np.sqrt(len(bias_add)))
-    mul = 1.0 + _eval_waves(bias_mul, u, 1)[0] * np.float32(bias_mul_amp / np.sqrt(len(bias_mul)))
-    if body is not None:
-        add *= body
-    image = (image - AIR_HU) * mul + AIR_HU + add + noise * np.float32(noise_sd)
-    image = np.clip(image, -1024.0, 3071.0).astype(np.float32)
-
-    # ---- affine: LPS-style DICOM/ITK geometry written as RAS NIfTI: diag(-sx, -sy, sz) ----
-    sx = sy = float(s_inplane)
-    sz = float(s_slice)
-    n = np.asarray(shape, dtype=np.float64)
-    origin_lps = np.array(
-        [
-            -sx * (n[0] - 1) / 2.0 + origin_jitter[0],
-            -sy * (n[1] - 1) / 2.0 + origin_jitter[1],
-            table_z + origin_jitter[2],
-        ]
-    )
-    affine = np.diag([-sx, -sy, sz, 1.0])
-    affine[:3, 3] = [-origin_lps[0], -origin_lps[1], origin_lps[2]]
-    return image, label, affine
+    image, label, occupancies = _render(spec, case, var, p, (tex_fine, tex_coarse))
+    image = _form_image(image, case, u, occupancies.get("body"), noise)
+    return image, label, _case_affine(shape, case)
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
@@ -815,6 +1035,7 @@ def generate_dataset(
     shape: Sequence[int] = (64, 64, 48),
     organ_set: str = "abdomen",
     name: str | None = None,
+    variant: str = "standard",
 ) -> str:
     """Write a phantom dataset in MSD layout and return the path of its ``dataset.json``.
 
@@ -826,24 +1047,30 @@ def generate_dataset(
     lower-cased with non-alphanumerics replaced by ``_``. Images are int16 HU, labels uint8, both with the same
     affine written as qform and sform (code 1). Existing files with the same names are overwritten.
 
+    The test cases are a pool of unlabelled images from the same distribution: a large ``n_test`` (e.g. 200) makes
+    the unlabelled pool of a semi-supervised or self-supervised run, at no labelling cost.
+
     Args:
         out_dir: output folder (created if needed).
         n: number of labelled training cases (>= 1).
         n_test: number of unlabelled test cases (>= 0).
-        seed: dataset seed (>= 0); case ``i`` is ``generate_case(i, seed, shape, organ_set)``.
+        seed: dataset seed (>= 0); case ``i`` is ``generate_case(i, seed, shape, organ_set, variant)``.
         shape: array shape ``(X, Y, Z)`` (3 integers >= 8; also ``"64,64,48"``).
         organ_set: ``"abdomen"`` (default), ``"pelvis"`` or ``"thorax"`` (see :data:`ORGAN_SETS`).
         name: dataset name; defaults to ``"Phantom<OrganSet>"`` (e.g. ``"PhantomAbdomen"``).
+        variant: ``"standard"`` (default) or ``"varied"`` (wider inter-subject variability; see
+            :data:`PHANTOM_VARIANTS`); recorded as ``medcl_phantom["variant"]`` in ``dataset.json``.
 
     Returns:
         path of the written ``dataset.json``; it loads with
         ``monai.data.load_decathlon_datalist(path, True, "training")`` (and ``"test"`` when ``n_test > 0``).
 
     Raises:
-        ValueError: (:class:`medcl.errors.MedclInputError`) for an unknown organ set, ``n < 1``, ``n_test < 0``,
-            a negative seed or a bad shape.
+        ValueError: (:class:`medcl.errors.MedclInputError`) for an unknown organ set or variant, ``n < 1``,
+            ``n_test < 0``, a negative seed or a bad shape.
     """
     spec = _get_organ_set(organ_set)
+    var = _get_variant(variant)
     n = _check_int(n, "n", 1)
     n_test = _check_int(n_test, "n_test", 0)
     seed = _check_int(seed, "seed", 0)
@@ -859,7 +1086,7 @@ def generate_dataset(
 
     training, test = [], []
     for i in range(n + n_test):
-        image, label, affine = generate_case(i, seed=seed, shape=shape, organ_set=spec.name)
+        image, label, affine = generate_case(i, seed=seed, shape=shape, organ_set=spec.name, variant=var.name)
         fname = f"{prefix}_{i:03d}.nii.gz"
         image_i16 = np.round(image).astype(np.int16)
         if i < n:
@@ -872,7 +1099,7 @@ def generate_dataset(
 
     meta = {
         "name": name,
-        "description": spec.description,
+        "description": spec.description if var.name == "standard" else f"{spec.description}; {_VARIED_NOTE}",
         "reference": "medcl synthetic phantom (medcl.data.phantom); no patient data",
         "licence": "CC0-1.0 (synthetic data)",
         "release": "1.0",
@@ -883,7 +1110,13 @@ def generate_dataset(
         "numTest": n_test,
         "training": training,
         "test": test,
-        "medcl_phantom": {"organ_set": spec.name, "seed": seed, "shape": list(shape), "version": 1},
+        "medcl_phantom": {
+            "organ_set": spec.name,
+            "seed": seed,
+            "shape": list(shape),
+            "variant": var.name,
+            "version": 1,
+        },
     }
     path = os.path.join(out_dir, "dataset.json")
     with open(path, "w") as fh:
@@ -899,32 +1132,38 @@ def _cli(
     shape=(64, 64, 48),
     organ_set: str = "abdomen",
     name: str | None = None,
+    variant: str = "standard",
 ) -> None:
     """Generate a synthetic CT phantom dataset in MSD layout.
 
     Args:
         out: output folder.
         n: number of labelled training cases.
-        n_test: number of unlabelled test cases.
+        n_test: number of unlabelled test cases (imagesTs; e.g. 200 for a large unlabelled pool).
         seed: dataset seed.
         shape: volume shape, e.g. 64,64,48 or "[64,64,48]".
         organ_set: abdomen, pelvis or thorax.
         name: dataset name (default Phantom<OrganSet>).
+        variant: standard, or varied (wider inter-subject variability of contrast, noise, bias, size, position).
     """
     t0 = time.perf_counter()
-    path = generate_dataset(out, n=n, n_test=n_test, seed=seed, shape=shape, organ_set=organ_set, name=name)
+    path = generate_dataset(
+        out, n=n, n_test=n_test, seed=seed, shape=shape, organ_set=organ_set, name=name, variant=variant
+    )
     labels = organ_labels(organ_set)
     names = ", ".join(f"{k}={v}" for k, v in labels.items() if k)
     print(
         f"medcl-phantom: wrote {path} ({n} training + {n_test} test cases, {organ_set.lower()}, "
-        f"shape {tuple(_parse_shape(shape))}, labels {names}) in {time.perf_counter() - t0:.1f} s"
+        f"{_get_variant(variant).name} variant, shape {tuple(_parse_shape(shape))}, labels {names}) "
+        f"in {time.perf_counter() - t0:.1f} s"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``medcl-phantom`` (also ``python -m medcl.data.phantom``), parsed with ``fire``.
 
-    Example: ``medcl-phantom --out data/phantom --n 40 --n_test 4 --seed 0 --shape 64,64,48 --organ_set abdomen``.
+    Example: ``medcl-phantom --out data/phantom --n 40 --n_test 4 --seed 0 --shape 64,64,48 --organ_set abdomen``;
+    ``--variant varied`` for the variant with wider inter-subject variability.
 
     Args:
         argv: arguments (without the program name); ``None`` reads ``sys.argv``.
