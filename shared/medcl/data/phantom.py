@@ -62,8 +62,8 @@ Variants (``variant=`` of :func:`generate_case` and :func:`generate_dataset`, ``
     blood, urine, bile; fat, air, lung and bone keep theirs) x U(0.7, 1.6) (1 -> non-contrast to portal-venous-like,
     liver ~40-100 HU), times a per-structure exp(N(0, 0.12)) (organs enhance differently, as in arterial vs
     portal phases; each organ stays brighter than the fat or visceral background it sits in);
-  - noise sd U(15, 25) -> U(10, 60) HU (dose, patient size, kernel); additive bias field U(3, 8) -> U(5, 30) HU and
-    multiplicative U(0.003, 0.01) -> U(0.005, 0.04) (cupping, scatter);
+  - noise sd U(15, 25) -> U(10, 60) HU (dose, patient size, kernel); additive bias field U(3, 8) -> U(4, 20) HU and
+    multiplicative U(0.003, 0.01) -> U(0.004, 0.025) (cupping, scatter);
   - calibration: offset 0 -> U(-10, 10) HU, gain about water 1 -> U(0.98, 1.02); point-spread function width
     (sigma 0.4, 0.4, 0.3 voxels) x 1 -> x U(1.0, 2.5) (reconstruction kernel, slice profile);
   - patient size (log sd per axis) 0.06, 0.06, 0.04 -> 0.10, 0.10, 0.07; rotation 1.5, 1.5, 4 -> 3, 3, 8 degrees;
@@ -635,8 +635,8 @@ PHANTOM_VARIANTS: dict[str, PhantomVariant] = {
         position_factor=2.5,
         size_factor=2.0,
         rigid_hu=300.0,
-        bias_add_hu=(5.0, 30.0),
-        bias_mul=(0.005, 0.04),
+        bias_add_hu=(4.0, 20.0),
+        bias_mul=(0.004, 0.025),
         noise_sd_hu=(10.0, 60.0),
         contrast=(0.7, 1.6),
         organ_contrast_sd=0.12,
