@@ -78,6 +78,13 @@ def test_tiny_grid_writes_csv_table_and_plot(tiny_run):
     assert "Mean Dice on the **test** split (2 cases" in table
     assert (run_dir / "label_efficiency.md").read_text().count("\n|") >= 3
     assert (run_dir / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one validation per cell (1 epoch): every cell has a learning curve, too short to judge convergence
+    with open(run_dir / "learning_curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    assert sorted((r["method"], r["label_fraction"], r["epoch"]) for r in curves) == sorted(
+        (r["method"], r["label_fraction"], "1") for r in rows
+    )
+    assert (run_dir / "learning_curves.png").is_file() and {r["converged"] for r in rows} == {""}
     with sqlite3.connect(run_dir / "mlruns.db") as con:  # every run of the grid is an MLflow run of one experiment
         runs = {
             name

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from conftest import BUNDLES, run_bundle
 
+from medcl.handlers import read_learning_curve
+
 CONFIGS = BUNDLES / "scratch_baseline" / "configs"
 TINY = [
     "--patch_size",
@@ -45,6 +47,8 @@ def test_train_then_infer_writes_prediction_on_input_grid(phantom_dir, tmp_path,
     _assert_ok(proc)
     assert "Epoch: 1/1, Iter: 2/2" in proc.stdout  # per-iteration progress
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_final.pt").is_file()
+    (curve,) = read_learning_curve(tmp_path / "models" / "learning_curve.csv")
+    assert (curve["epoch"], curve["iteration"]) == (1, 2) and curve["best_val_mean_dice"] == curve["val_mean_dice"]
 
     out = tmp_path / "pred"
     proc = run_bundle(
@@ -114,6 +118,8 @@ def test_torchrun_two_cpu_processes(phantom_dir, tmp_path):
     _assert_ok(proc)
     assert proc.stdout.count("resumed from") == 2 and "run_state_rank1.pt: epoch 1" in proc.stdout
     assert "Epoch[2] Complete" in proc.stdout and "Epoch[1] Complete" not in proc.stdout
+    # rank 0 alone writes the learning curve, and the resumed run continues it
+    assert [r["epoch"] for r in read_learning_curve(tmp_path / "models" / "learning_curve.csv")] == [1, 2]
 
 
 def test_missing_dataset_names_the_command_that_creates_it(tmp_path):

@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from medcl.benchmark.curves import cell_curve, convergence
 from medcl.benchmark.grid import METHODS, PRESETS, Method
 from medcl.benchmark.report import write_reports
 from medcl.benchmark.runs import read_case_dice, read_dice, run_bundle
@@ -308,6 +309,7 @@ class _Benchmark:
             "iterations": iters,
             "peak_rss_mib": train["peak_rss_mib"],
             **{k: v for k, v in pre.items() if k != "pretrained_ckpt"},
+            **(convergence(cell_curve(root), iters) or {}),
             **({"resumed": True} if resumed else {}),
         }
         _write_json(root / "cell.json", record)

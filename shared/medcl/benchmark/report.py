@@ -14,11 +14,13 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from medcl.benchmark.curves import CONVERGED_GAIN, TAIL, cell_curve, convergence, write_learning_curves
 from medcl.benchmark.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairedDiff, mean_sd, paired_diff, t_interval
 
 __all__ = [
     "CHECKPOINTS",
     "collect_cells",
+    "convergence_table",
     "dice_table",
     "diff_table",
     "markdown_table",
@@ -30,7 +32,16 @@ __all__ = [
 
 _FIRST = ["method", "backbone", "bundle", "label_fraction", "num_labelled", "seed", "eval_split", "num_test"]
 _FIRST += ["mean_dice", "mean_dice_final"]
-_LAST = ["train_s", "pretrain_s", "iterations", "pretrain_iterations", "peak_rss_mib", "pretrain_peak_rss_mib"]
+_LAST = [
+    "tail_gain",
+    "converged",
+    "train_s",
+    "pretrain_s",
+    "iterations",
+    "pretrain_iterations",
+    "peak_rss_mib",
+    "pretrain_peak_rss_mib",
+]
 _LAST += ["test_fraction", "test_seed"]
 
 #: checkpoint file -> (key of its mean Dice in a cell, key of its per-case Dice).
@@ -39,8 +50,14 @@ NA_ONE_SEED = "n/a (1 seed)"
 
 
 def collect_cells(run_dir: Path | str) -> list[dict]:
-    """Every finished cell of a run (``cells/*/cell.json``), sorted by method, fraction and seed."""
-    rows = [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("cells/*/cell.json"))]
+    """Every finished cell of a run (``cells/*/cell.json``, plus ``cell``: its folder name), sorted by method,
+    fraction and seed; cells recorded without a convergence check get it from their learning curve."""
+    rows = []
+    for p in sorted(Path(run_dir).glob("cells/*/cell.json")):
+        row = {**json.loads(p.read_text()), "cell": p.parent.name}
+        if "converged" not in row and row.get("iterations"):
+            row.update(convergence(cell_curve(p.parent), row["iterations"]) or {})
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["method"], r["label_fraction"], r["seed"]))
 
 
@@ -181,6 +198,36 @@ def diff_table(rows: Sequence[dict], baselines: dict[str, str | None]) -> str:
     return "\n".join(lines)
 
 
+def convergence_table(rows: Sequence[dict]) -> str:
+    """Convergence per method and label budget: the iterations, the gain of the best validation Dice over the last
+    quarter of training (mean and largest over seeds) and the seeds that count as converged.
+
+    Args:
+        rows: the cells (:func:`collect_cells`).
+
+    Returns:
+        a Markdown table; empty when no cell has a learning curve long enough to tell.
+    """
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if r.get("converged") not in (None, ""):
+            groups.setdefault((r["method"], r["label_fraction"]), []).append(r)
+    if not groups:
+        return ""
+    lines = [
+        "| method | labels | iterations | best-Dice gain over the last quarter (mean, max) | converged seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for (m, f), cells in groups.items():
+        gains = [float(c["tail_gain"]) for c in cells]
+        iters = "/".join(str(i) for i in sorted({c.get("iterations") for c in cells}))
+        done = sum(c["converged"] in (True, "True") for c in cells)
+        lines.append(
+            f"| {m} | {_label(f)} | {iters} | {sum(gains) / len(gains):+.3f}, {max(gains):+.3f} | {done}/{len(cells)} |"
+        )
+    return "\n".join(lines)
+
+
 def _split_text(rows: Sequence[dict]) -> str:
     splits = {r.get("eval_split", "val") for r in rows}
     if splits == {"test"}:
@@ -206,6 +253,12 @@ def markdown_table(rows: Sequence[dict], baselines: dict[str, str | None]) -> st
             "over seeds of method − control; 95 % CI by the t-interval over seeds and by a percentile bootstrap over "
             f"test cases × seeds ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); wins = seeds where the "
             f"method scores higher. One seed gives no interval ({NA_ONE_SEED}).\n\n" + diffs
+        )
+    conv = convergence_table(rows)
+    if conv:
+        text += (
+            f"\n\nConvergence: a cell is converged when its best validation Dice gains < {CONVERGED_GAIN} over the "
+            f"last {TAIL:.0%} of its iterations (curves: `learning_curves.csv` / `.png`).\n\n" + conv
         )
     return text
 
@@ -246,7 +299,8 @@ def plot(rows: Sequence[dict], path: Path | str, title: str = "") -> None:
 
 
 def write_reports(run_dir: Path | str, baselines: dict[str, str | None], title: str = "") -> dict[str, Path]:
-    """Write ``label_efficiency.csv``, ``label_efficiency.md`` and ``label_efficiency.png`` from the run's cells."""
+    """Write ``label_efficiency.csv``, ``label_efficiency.md`` and ``label_efficiency.png`` from the run's cells, and
+    ``learning_curves.csv`` / ``.png`` where the cells have curves."""
     run_dir = Path(run_dir)
     rows = collect_cells(run_dir)
     paths = {k: run_dir / f"label_efficiency.{k}" for k in ("csv", "md", "png")}
@@ -255,4 +309,5 @@ def write_reports(run_dir: Path | str, baselines: dict[str, str | None], title: 
     paths["md"].write_text(f"{title}\n\n{table}\n" if title else table + "\n")
     if rows:
         plot(rows, paths["png"], title)
+        paths.update({f"curves_{k}": v for k, v in (write_learning_curves(run_dir, rows) or {}).items()})
     return paths
