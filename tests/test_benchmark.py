@@ -210,3 +210,42 @@ def test_bad_test_split_fails_before_anything_runs(phantom_dir, tmp_path, kwargs
     with pytest.raises(MedclInputError, match=message):
         main(methods=["scratch"], out=str(tmp_path), dataset_dir=str(phantom_dir), **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_strong_recipe_rows_share_the_pretraining_and_train_with_adamw(phantom_dir, tmp_path):
+    grid = dict(methods=["macl", "macl_strong", "macl_scratch_strong"], fractions=[1.0], seeds=[0])
+    tiny = {**TINY, "macl": {"patch_size": 64, "samples_per_volume": 2}}  # BatchNorm needs > 1 sample per batch
+    table = main(run="strong", out=str(tmp_path), dataset_dir=str(phantom_dir), overrides=tiny, num_workers=0, **grid)
+    run_dir = tmp_path / "strong"
+    assert sorted(p.name for p in (run_dir / "pretrain").iterdir()) == ["macl_s0"]  # macl_strong reuses it
+    cells = {p.name: json.loads((p / "cell.json").read_text()) for p in (run_dir / "cells").iterdir()}
+    assert cells["macl_strong_f1_s0"]["pretrain_s"] == cells["macl_f1_s0"]["pretrain_s"]
+    assert "| macl_strong | macl_scratch_strong | 100% |" in table
+    # the rows really ran the scratch bundle's recipe: the command line of the strong cells
+    for name in ("macl_strong_f1_s0", "macl_scratch_strong_f1_s0"):
+        log = (run_dir / "cells" / name / "train.log").read_text()
+        assert "--optimizer#_target_ torch.optim.AdamW" in log and "--dice_weight 1.0" in log
+    assert "torch.optim.AdamW" not in (run_dir / "cells" / "macl_f1_s0" / "train.log").read_text()
+
+
+def test_strong_recipe_is_the_scratch_bundles_recipe_in_the_macl_config(phantom_dir):
+    from monai.bundle import ConfigParser
+
+    from medcl.benchmark.grid import STRONG_RECIPE
+
+    def parsed(bundle, overrides):
+        parser = ConfigParser()
+        parser.read_config(REPO / "bundles" / bundle / "configs" / "train.json")
+        parser.update({"dataset_dir": str(phantom_dir), "spatial_dims": 2, "init": "random", **overrides})
+        return parser
+
+    macl, scratch = parsed("macl", STRONG_RECIPE), parsed("scratch_baseline", {})
+    for p in (macl, scratch):
+        p["optimizer"]["params"] = "$[torch.nn.Parameter(torch.zeros(1))]"
+    opt, ref = macl.get_parsed_content("optimizer"), scratch.get_parsed_content("optimizer")
+    assert type(opt) is type(ref) is __import__("torch").optim.AdamW
+    assert opt.defaults["lr"] == ref.defaults["lr"] and opt.defaults["weight_decay"] == ref.defaults["weight_decay"]
+    loss, ref_loss = macl.get_parsed_content("loss"), scratch.get_parsed_content("loss")
+    assert (loss.lambda_dice, loss.lambda_ce) == (ref_loss.lambda_dice, ref_loss.lambda_ce) == (1.0, 1.0)
+    assert macl.get_parsed_content("min_learning_rate") == scratch.get_parsed_content("lr_scheduler#eta_min")

@@ -250,7 +250,8 @@ class _Benchmark:
         if (root / "cell.json").is_file():
             print(f"[benchmark] {root.name}: done, skipped", flush=True)
             return
-        pre = self.pretrain(method, seed) if method.pretrain else {}
+        source = METHODS[method.pretrain_from] if method.pretrain_from else method
+        pre = self.pretrain(source, seed) if method.pretrain else {}
         extra = {**method.train, "bundle_root": root, "seed": seed, "resume": True}
         resumed = os.path.isfile(run_state_path(str(root / "models")))
         if num_labelled is None:
