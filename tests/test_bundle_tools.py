@@ -17,8 +17,6 @@ from medcl.bundle import META_SCHEMA, META_SCHEMA_SHA256, verify_metadata_offlin
 BUNDLE_DIRS = sorted(p for p in BUNDLES.iterdir() if (p / "configs").is_dir())
 #: overrides that keep the networks CPU-sized (MixCL's UNETR at the narrow CPU width and 32³)
 SMALL = {"mixcl": {"patch_size": [32, 32, 32], "feature_size": 8, "hidden_size": 192, "mlp_dim": 384, "num_heads": 4}}
-#: networks that TorchScript cannot script (forward hooks in forward): exported by tracing, at the metadata's shape
-TRACED = {"localcl_selftrain"}
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
@@ -77,6 +75,7 @@ def test_verify_net_in_out(bundle, phantom_dir):
 
 @pytest.mark.parametrize("bundle", BUNDLE_DIRS, ids=lambda p: p.name)
 def test_ckpt_export_gives_the_same_outputs(bundle, phantom_dir, tmp_path, one_thread):
+    """Every network scripts (no tracing; localcl's SegContrastNet too) and the TorchScript module agrees."""
     config = bundle / "configs" / "inference.json"
     parser = ConfigParser()
     parser.read_config(str(config))
@@ -86,7 +85,6 @@ def test_ckpt_export_gives_the_same_outputs(bundle, phantom_dir, tmp_path, one_t
     torch.save(net.state_dict(), tmp_path / "model.pt")
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     shape = small.get("patch_size") or meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
-    trace = {"use_trace": True, "input_shape": [1, 1, *shape]} if bundle.name in TRACED else {}
     ckpt_export(
         net_id="network_def",
         filepath=str(tmp_path / "model.ts"),
@@ -95,7 +93,6 @@ def test_ckpt_export_gives_the_same_outputs(bundle, phantom_dir, tmp_path, one_t
         config_file=str(config),
         device="cpu",
         dataset_dir=str(phantom_dir),
-        **trace,
         **small,
     )
     ts = torch.jit.load(str(tmp_path / "model.ts"))

@@ -8,7 +8,7 @@ import torch
 from monai.networks.nets import BasicUNet
 
 from medcl.errors import MedclInputError
-from medcl.networks import SegContrastNet
+from medcl.networks import ContrastiveHead, SegContrastNet
 from medcl.networks.seg_contrast import SegTail
 
 
@@ -85,3 +85,25 @@ def test_traced_network_matches(one_thread):
     x = torch.randn(1, 1, 32, 32)
     traced = torch.jit.trace(net, x, check_trace=False)
     torch.testing.assert_close(traced(x), net(x))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_scripted_network_is_the_segmentation_network(spatial_dims, one_thread):
+    """torch.jit.script works (the model-zoo's TorchScript check): the scripted forward gives the logits; the
+    hook-based embedding branch stays Python-only."""
+    net = _net(spatial_dims=spatial_dims).eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(1, 1, *([16] * spatial_dims))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
+        logits, emb = net(x, return_embeddings=True)  # eager module unchanged by scripting
+    assert logits.shape[1] == 3 and emb.shape[1] == 16
+
+
+def test_contrastive_head_scripts(one_thread):
+    head = ContrastiveHead(in_channels=6, spatial_dims=2).eval()
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(head)(x), head(x))
+    with pytest.raises(ValueError, match=r"got shape \[2, 6, 8\]"):
+        head(x[..., 0])

@@ -82,7 +82,7 @@ def _export_torchscript(stage: Path, shape: list[int]) -> str:
     try:
         ckpt_export(**common)
         return "script"
-    except Exception as e:  # e.g. forward hooks (SegContrastNet) are not scriptable
+    except Exception as e:  # a network that TorchScript cannot script (every medcl bundle network scripts today)
         logger.info("torch.jit.script failed (%s); tracing at input shape %s instead.", type(e).__name__, shape)
         ckpt_export(**common, use_trace=True, input_shape=[1, 1, *shape])
         return "trace"

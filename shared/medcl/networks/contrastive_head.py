@@ -89,5 +89,7 @@ class ContrastiveHead(nn.Sequential):
             ValueError: when ``x`` does not have ``spatial_dims + 2`` dimensions.
         """
         if x.ndim != self.spatial_dims + 2:
-            raise ValueError(f"expected a {self.spatial_dims + 2}D input (B, C, *spatial), got shape {tuple(x.shape)}.")
-        return super().forward(x)
+            raise ValueError(f"expected a {self.spatial_dims + 2}D input (B, C, *spatial), got shape {list(x.shape)}.")
+        for layer in self:  # not super().forward(x), and a list shape above: both keep the head scriptable
+            x = layer(x)
+        return x

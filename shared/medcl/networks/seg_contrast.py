@@ -10,8 +10,7 @@
 # limitations under the License.
 """A segmentation network with a dense contrastive head on one of its decoder levels."""
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: TorchScript reads the real annotations of forward and its unused branch
 import torch
 from monai.networks.blocks import Convolution
 from torch import nn
@@ -138,9 +137,17 @@ class SegContrastNet(nn.Module):
         self.tap_channels = int(tap_channels)
         self._taps = FeatureTaps(backbone, [tap])  # checks the name now
 
-    def forward(self, x: torch.Tensor, return_embeddings: bool = False):
+    def forward(
+        self, x: torch.Tensor, return_embeddings: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not return_embeddings:
             return self.backbone(x)
+        return self._forward_with_embeddings(x)
+
+    @torch.jit.unused
+    def _forward_with_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and embeddings from one pass (a forward hook reads the tap: left out of TorchScript, whose
+        scripted module is the plain segmentation network, ``return_embeddings=False``)."""
         with self._taps as taps:
             logits = self.backbone(x)
         feats = taps.outputs[self.tap]
