@@ -569,3 +569,16 @@ def test_full_traceback_on_request(tmp_path, monkeypatch):
         [TRAIN[0].configs / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(tmp_path / "none")
     )
     assert proc.returncode != 0 and "Traceback" in proc.stdout and "dataset.json not found" in proc.stdout
+
+
+def test_terminal_self_training_schedule_that_does_not_fit(base, tmp_path):
+    """``--max_epochs 20`` with the default 3 rounds x 15 epochs leaves no baseline: one line naming the keys."""
+    entry = TRAIN[5]  # localcl_selftrain/train
+    schedule = {"max_epochs": 20, "num_rounds": 3, "round_epochs": 15}  # the defaults' rounds
+    args = [a for k, v in {**entry.tiny, **schedule}.items() for a in (f"--{k}", str(v))]
+    proc = run_bundle([entry.configs / "train.json"], "--bundle_root", str(tmp_path), "--dataset_dir", str(base), *args)
+    assert proc.returncode != 0
+    line = "medcl.errors.MedclInputError: the self-training schedule does not fit: baseline_epochs -25"
+    assert proc.stdout.count("MedclInputError: ") == 1 and line in proc.stdout, proc.stdout[-3000:]
+    assert "--baseline_epochs" in proc.stdout and "Traceback" not in proc.stdout
+    assert not (tmp_path / "models" / "model_final.pt").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import BUNDLES
 from monai.bundle import ConfigParser
@@ -34,3 +36,14 @@ def test_rot90_is_off_for_a_non_square_patch(phantom_dir):
     transforms = _random_transforms(3, [32, 48, 32], phantom_dir)
     rot = [t for t in transforms if type(t).__name__ == "RandRotate90d"]
     assert rot[0].prob == 0.0  # a rotated non-square patch could not be batched with an unrotated one
+
+
+def test_pretraining_defaults_to_the_target_dataset_alone(phantom_dir):
+    """A user's own dataset pre-trains without naming other folders (no default into this repository's data/)."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "mixcl" / "configs" / "pretrain.json"))
+    parser.update({"dataset_dir": str(phantom_dir)})
+    assert parser.get_parsed_content("pretrain_dataset_dirs") == [str(phantom_dir)]
+    for config in BUNDLES.glob("*/configs/*.json"):  # only dataset_dir (the demo's phantom) points into data/
+        keys = [k for k, v in json.loads(config.read_text()).items() if "/data/" in str(v)]
+        assert keys in ([], ["dataset_dir"]), (config, keys)

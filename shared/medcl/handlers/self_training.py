@@ -67,12 +67,18 @@ ROUNDS_LOG = "rounds.json"
 
 
 def total_epochs(baseline_epochs: int, num_rounds: int, round_epochs: int) -> int:
-    """Epochs of the whole pipeline: the baseline plus every round."""
+    """Epochs of the whole pipeline: the baseline plus every round.
+
+    Raises:
+        MedclInputError: a schedule with no baseline epoch (e.g. ``--max_epochs`` below ``num_rounds * round_epochs``:
+            the bundle's baseline runs what the rounds leave), negative rounds or empty rounds.
+    """
     if baseline_epochs < 1 or num_rounds < 0 or (num_rounds > 0 and round_epochs < 1):
-        raise ValueError(
-            f"need baseline_epochs >= 1, num_rounds >= 0 and round_epochs >= 1, got {baseline_epochs}, "
-            f"{num_rounds}, {round_epochs} (the bundle's baseline runs max_epochs - num_rounds * round_epochs epochs: "
-            "raise max_epochs or lower num_rounds / round_epochs)."
+        raise MedclInputError(
+            f"the self-training schedule does not fit: baseline_epochs {baseline_epochs}, num_rounds {num_rounds}, "
+            f"round_epochs {round_epochs} (need >= 1, >= 0, >= 1). The baseline runs max_epochs - num_rounds * "
+            f"round_epochs = {baseline_epochs} epochs: give --baseline_epochs instead of --max_epochs (max_epochs "
+            "follows), or raise --max_epochs, or lower --num_rounds / --round_epochs."
         )
     return baseline_epochs + num_rounds * round_epochs
 
