@@ -14,6 +14,7 @@ from medcl.data import (
     RandPatchWithPositiond,
     as_patch_size,
     check_datalist,
+    dataset_num_classes,
     load_splits,
     num_labelled_cases,
     read_dataset_info,
@@ -72,6 +73,16 @@ def test_dataset_info_and_load_splits(phantom_dir):
 def test_missing_dataset_says_how_to_create_it(tmp_path):
     with pytest.raises(MedclInputError, match="medcl-phantom --out"):
         read_dataset_info(str(tmp_path / "nowhere"))
+
+
+def test_dataset_num_classes_falls_back_only_without_dataset_json(phantom_dir, tmp_path):
+    """dataset.json's count when there is one (whatever the default), the default without (no dataset, None)."""
+    assert dataset_num_classes(str(phantom_dir), default=2) == read_dataset_info(str(phantom_dir)).num_classes == 5
+    assert dataset_num_classes(str(tmp_path / "nowhere"), default=7) == 7
+    assert dataset_num_classes(None, default=3) == 3
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(MedclInputError, match="not valid JSON"):  # a broken dataset.json is not silently ignored
+        dataset_num_classes(str(tmp_path), default=5)
 
 
 def _copy_dataset(src, dst):

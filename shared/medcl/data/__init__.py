@@ -2,7 +2,7 @@
 
 from medcl.data.checks import check_datalist
 from medcl.data.datalists import inference_datalist
-from medcl.data.dataset_info import DatasetInfo, read_dataset_info
+from medcl.data.dataset_info import DatasetInfo, dataset_num_classes, read_dataset_info
 from medcl.data.intensity import ScaleIntensityByModalityd
 from medcl.data.mixed_loader import MixedLoader
 from medcl.data.partners import PartnerDataset
@@ -21,6 +21,7 @@ __all__ = [
     "as_patch_size",
     "check_datalist",
     "DatasetInfo",
+    "dataset_num_classes",
     "eval_datalist",
     "inference_datalist",
     "load_splits",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from medcl.errors import MedclInputError
 
-__all__ = ["DatasetInfo", "read_dataset_info", "dataset_json_path"]
+__all__ = ["DatasetInfo", "read_dataset_info", "dataset_json_path", "dataset_num_classes"]
 
 PHANTOM_HINT = "medcl-phantom --out {dir} --n 40 --seed 0"
 
@@ -92,3 +92,24 @@ def read_dataset_info(dataset_dir: str) -> DatasetInfo:
     if isinstance(modality, dict):
         modality = modality.get("0", next(iter(modality.values()), "CT"))
     return DatasetInfo(dataset_json=path, labels=labels, modality=str(modality).upper())
+
+
+def dataset_num_classes(dataset_dir: str | None, default: int) -> int:
+    """The class count of ``<dataset_dir>/dataset.json`` when that file exists, else ``default``.
+
+    Bundle configs set ``num_classes`` with it, so that ``network_def`` builds with no dataset present (the model
+    zoo's checks ``verify_net_in_out`` and ``ckpt_export``, a downloaded or copied bundle): ``default`` is the
+    metadata's output channels (``network_data_format.outputs.pred.num_channels``), and a dataset overrides it.
+    Everything that reads images or labels still needs the dataset, and says so when it is missing.
+
+    Args:
+        dataset_dir: MSD-style dataset folder, or None.
+        default: class count without a ``dataset.json``.
+
+    Raises:
+        MedclInputError: when ``dataset.json`` exists but is not valid (see :func:`read_dataset_info`).
+    """
+    if dataset_dir is None:
+        return int(default)
+    path = os.path.join(os.path.abspath(os.path.expanduser(str(dataset_dir))), "dataset.json")
+    return read_dataset_info(str(dataset_dir)).num_classes if os.path.isfile(path) else int(default)
