@@ -8,6 +8,7 @@ from medcl.handlers.learning_curve import LearningCurveWriter, read_learning_cur
 from medcl.handlers.loss_guard import NonFiniteLossError, NonFiniteLossGuard
 from medcl.handlers.pretrained_loader import PretrainedLoader
 from medcl.handlers.progress import ProgressHandler
+from medcl.handlers.run_lock import RunDirLock
 from medcl.handlers.run_state import RunStateHandler, register_run_state, run_state_path
 from medcl.handlers.self_training import SelfTrainingHandler, round_of_epoch, total_epochs
 
@@ -22,6 +23,7 @@ __all__ = [
     "register_run_state",
     "round_of_epoch",
     "run_state_path",
+    "RunDirLock",
     "RunStateHandler",
     "SafeCheckpointLoader",
     "SelfTrainingHandler",

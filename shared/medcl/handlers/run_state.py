@@ -26,6 +26,7 @@ from monai.transforms import Randomizable, Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from medcl.errors import MedclInputError
+from medcl.handlers.run_lock import RunDirLock
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -156,14 +157,21 @@ class RunStateHandler:
         resume: load the run state when the trainer starts, if one exists. Defaults to False (a new run overwrites
             it).
         interval: save every ``interval`` epochs. Defaults to 1.
+        lock: hold ``<save_dir>/.medcl_run.lock`` from attach to the end of the run (:class:`RunDirLock`), so a second
+            run on the same folder is refused while this one is alive. Defaults to True.
 
     Raises:
         MedclInputError: (when resuming) for an unreadable run state, or one saved with other objects (another
-            config).
+            config); (at attach) when another live run holds ``save_dir``.
     """
 
     def __init__(
-        self, save_dir: str, objects: Mapping[str, Any] | None = None, resume: bool = False, interval: int = 1
+        self,
+        save_dir: str,
+        objects: Mapping[str, Any] | None = None,
+        resume: bool = False,
+        interval: int = 1,
+        lock: bool = True,
     ) -> None:
         if int(interval) < 1:
             raise MedclInputError(f"run state interval must be >= 1 epoch, got {interval}.")
@@ -171,12 +179,16 @@ class RunStateHandler:
         self.objects = {k: v for k, v in (objects or {}).items() if v is not None}
         self.resume = bool(resume)
         self.interval = int(interval)
+        self.lock = RunDirLock(self.save_dir) if lock else None
 
     @property
     def path(self) -> str:
         return run_state_path(self.save_dir, _rank())
 
     def attach(self, engine: Engine) -> None:
+        if self.lock is not None:
+            self.lock.acquire()
+            engine.add_event_handler(Events.COMPLETED, lambda _: self.lock.release())
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
 
