@@ -218,3 +218,22 @@ def test_mixcl_pretraining_killed_and_resumed_ends_with_the_same_weights(phantom
     ]
     straight, killed, _, _ = _straight_killed_resumed(configs, common, tmp_path, kill_after=1, max_epochs=2)
     _assert_same_weights(straight / "models" / "pretrained.pt", killed / "models" / "pretrained.pt")
+
+
+def test_resumed_run_continues_its_mlflow_run(phantom_dir, tmp_path):
+    """A killed tracked run and its ``--resume true`` make one MLflow run whose validation steps cover 1..max_epochs
+    (the killed run is left RUNNING; MONAI's MLFlowHandler continues the experiment's unfinished run)."""
+    import sqlite3
+
+    configs = [BUNDLES / "scratch_baseline" / "configs" / "train.json"]
+    out = tmp_path / "out"
+    common = ["--dataset_dir", str(phantom_dir), *SCRATCH, "--max_epochs", "6", "--output_dir", str(out)]
+    common += ["--tracking", "mlflow", "--bundle_root", str(tmp_path)]
+    epoch = _run_and_kill(configs, common, tmp_path / "models" / "run_state.pt", after_epoch=2)
+    proc = run_bundle(configs, *common, "--resume", "true")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    with sqlite3.connect(out / "mlruns.db") as con:
+        runs = list(con.execute("select run_uuid, status from runs"))
+        steps = [s for (s,) in con.execute("select step from metrics where key = 'val_mean_dice' order by step")]
+    assert len(runs) == 1 and runs[0][1] == "FINISHED", runs
+    assert 2 <= epoch < 6 and sorted(set(steps)) == list(range(1, 7)), steps
