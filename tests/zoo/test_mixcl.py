@@ -1,0 +1,39 @@
+"""mixcl in the pattern of the model zoo's ``ci/unit_tests/test_spleen_ct_segmentation.py``: ConfigWorkflow
+initialize -> check_properties -> run -> finalize for pretrain, train (from the pre-trained weights), train + evaluate
+and inference, on a 32³ phantom (3D 32³ patches, a narrow UNETR; pre-training on the target dataset alone, the
+default)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_segmentation_of
+from zoo_utils import SIZES, TINY, check_workflow, copy_bundle, workflow, zoo_process_state  # noqa: F401
+
+NAME = "mixcl"
+pytestmark = pytest.mark.usefixtures("zoo_process_state")
+
+
+def test_pretrain_train_eval_config(phantom_dir, tmp_path):
+    bundle = copy_bundle(NAME, tmp_path)
+    override = {"dataset_dir": str(phantom_dir), **TINY, **SIZES[NAME]}
+    check_workflow(workflow(bundle, ["pretrain.json"], "train", **override))
+    assert (bundle / "models" / "pretrained.pt").is_file()
+    # train.json (init "pretrained") starts from models/pretrained.pt, which it requires at initialize
+    check_workflow(workflow(bundle, ["train.json"], "train", **override))
+    assert (bundle / "models" / "model.pt").is_file()
+    check_workflow(workflow(bundle, ["train.json", "evaluate.json"], "train", **override))
+    assert (bundle / "eval" / "val_mean_dice_raw.csv").is_file()
+
+
+def test_infer_config(phantom_dir, tmp_path):
+    bundle = copy_bundle(NAME, tmp_path)
+    override = {
+        "dataset_dir": str(phantom_dir),
+        "handlers#0#_disabled_": True,  # no trained weights: run the initial network
+        "num_workers": 0,
+        "device": "cpu",
+        **SIZES[NAME],
+    }
+    check_workflow(workflow(bundle, ["inference.json"], "inference", **override))
+    for image in sorted((phantom_dir / "imagesTs").glob("*.nii.gz")):
+        assert_segmentation_of(bundle / "eval", image, num_classes=5)
