@@ -35,6 +35,7 @@ from medcl.benchmark.report import write_reports
 from medcl.benchmark.runs import read_case_dice, read_dice, run_bundle
 from medcl.errors import MedclInputError
 from medcl.handlers.run_state import run_state_path
+from medcl.utils.atomic import atomic_write_json
 
 __all__ = ["main", "validate_grid"]
 
@@ -168,9 +169,7 @@ def _config_value(bundle: str, config: str, key: str, overrides: Mapping):
 
 def _write_json(path: Path, data: Mapping) -> None:
     """Atomically: a finished marker is either complete or absent."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 class _Benchmark:

@@ -17,6 +17,7 @@ from monai.data import load_decathlon_datalist
 from medcl.data.checks import check_datalist
 from medcl.data.dataset_info import dataset_json_path, read_dataset_info
 from medcl.errors import MedclInputError
+from medcl.utils.atomic import atomic_write_json
 
 __all__ = [
     "EVAL_SPLITS",
@@ -277,12 +278,7 @@ def record_split(splits: dict[str, list[dict]], path: str) -> str:
         ``path``.
     """
     record = {k: _case_names(v) for k, v in splits.items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, record, indent=1)
     return path
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
@@ -10,6 +12,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 from medcl.handlers.run_state import register_run_state
+from medcl.utils.atomic import DiskFullError, disk_full_error
 
 __all__ = ["AtomicCheckpointSaver"]
 
@@ -33,7 +36,16 @@ class _SaveThenRemove(BaseSaveHandler):
         return self.inner.dirname
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        self.inner(checkpoint, filename, metadata)
+        folder = Path(self.inner.dirname)
+        before = set(folder.glob("tmp*"))
+        try:
+            self.inner(checkpoint, filename, metadata)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            for tmp in set(folder.glob("tmp*")) - before:  # Ignite leaves its temporary file if closing it fails
+                tmp.unlink(missing_ok=True)
+            raise disk_full_error(str(folder / filename), _size(folder / filename)) from e
         if getattr(self.inner, "filename", None) is None:  # a fixed name (MONAI's model.pt) was just replaced in place
             for old in self.pending:
                 if old != filename:
@@ -44,14 +56,19 @@ class _SaveThenRemove(BaseSaveHandler):
         self.pending.append(filename)
 
 
+def _size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
     """
     MONAI's :class:`~monai.handlers.CheckpointSaver` with crash-safe saving: every checkpoint is written to a
     temporary file in the same folder and renamed over the target (Ignite's ``DiskSaver(atomic=True)``, which MONAI
     turns off), and a checkpoint being replaced (``n_saved``, a new best ``model.pt``) is removed only after its
     successor is in place. A run killed while saving therefore keeps the previous checkpoint intact and never leaves
-    a truncated one; at worst a ``tmp*`` file remains in the folder. Files get the usual permissions (group and others
-    may read).
+    a truncated one; at worst a ``tmp*`` file remains in the folder. A full disk stops the run with one message
+    (:class:`~medcl.utils.atomic.DiskFullError`: the folder, the free and the needed space), the temporary file
+    removed and no final checkpoint attempted. Files get the usual permissions (group and others may read).
 
     With ``save_final``, an exception (a non-finite loss, Ctrl-C) saves the final checkpoint only when the run has
     trained at least one iteration since it started: an error before training (a pre-trained or run state that does
@@ -73,7 +90,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: setattr(self, "_trained", True))
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
-        if not self._trained:
+        if not self._trained or isinstance(e, DiskFullError):  # no final save on a full disk: keep what is there
             raise e
         super().exception_raised(engine, e)
 

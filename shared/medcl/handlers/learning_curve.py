@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from medcl.utils.atomic import atomic_write
+
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
 else:
@@ -94,14 +96,15 @@ class LearningCurveWriter:
         new = self.row()
         rows = [r for r in read_learning_curve(self.filename) if r["epoch"] < new["epoch"]] + [new]
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
-        tmp = f"{self.filename}.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: _cell(v) for k, v in r.items()})
-        os.replace(tmp, self.filename)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns, restval="")
+                writer.writeheader()
+                for r in rows:
+                    writer.writerow({k: _cell(v) for k, v in r.items()})
+
+        atomic_write(self.filename, write)
 
 
 def _cell(value: float) -> str:

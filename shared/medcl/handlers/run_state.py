@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from medcl.errors import MedclInputError
 from medcl.handlers.run_lock import RunDirLock
+from medcl.utils.atomic import atomic_write
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -241,18 +241,8 @@ class RunStateHandler:
 
     def save(self, engine: Engine) -> None:
         """Write the run state atomically: a kill while saving leaves the previous one intact."""
-        os.makedirs(self.save_dir, exist_ok=True)
         state = self.state_dict(engine)
-        fd, tmp = tempfile.mkstemp(prefix=".run_state.", suffix=".tmp", dir=self.save_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
     # --- resuming -----------------------------------------------------------------------------------
 

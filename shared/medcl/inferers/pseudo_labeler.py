@@ -49,6 +49,7 @@ from torch import nn
 from medcl.errors import MedclInputError
 from medcl.inferers.crf import _CRF_BACKENDS, crf_refine
 from medcl.networks.pretrained import load_pretrained
+from medcl.utils.atomic import atomic_write, atomic_write_json
 from medcl.utils.checkpoints import file_sha256, require_checkpoint
 
 __all__ = ["DEFAULT_IGNORE_INDEX", "MANIFEST_NAME", "PseudoLabeler", "confidence_filter"]
@@ -133,16 +134,7 @@ def _stem(path: str) -> str:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_json(path, obj, indent=2)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -402,13 +394,7 @@ class PseudoLabeler:
         out.header.set_xyzt_units(*ref.header.get_xyzt_units())
         out.set_qform(ref_affine, code=max(int(ref.header["qform_code"]), 1))
         out.set_sform(ref_affine, code=max(int(ref.header["sform_code"]), 1))
-        tmp = out_path[: -len(".nii.gz")] + f".tmp{os.getpid()}.nii.gz"
-        try:
-            nib.save(out, tmp)
-            os.replace(tmp, out_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(out_path, lambda tmp: nib.save(out, tmp), suffix=".nii.gz")
 
     # --- a round ----------------------------------------------------------------------------------
 
