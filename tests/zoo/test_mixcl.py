@@ -6,8 +6,15 @@ default)."""
 from __future__ import annotations
 
 import pytest
-from conftest import assert_segmentation_of
-from zoo_utils import SIZES, TINY, check_workflow, copy_bundle, workflow, zoo_process_state  # noqa: F401
+from zoo_utils import (  # noqa: F401
+    SIZES,
+    TINY,
+    check_inference_without_weights,
+    check_workflow,
+    copy_bundle,
+    workflow,
+    zoo_process_state,
+)
 
 NAME = "mixcl"
 pytestmark = pytest.mark.usefixtures("zoo_process_state")
@@ -26,14 +33,4 @@ def test_pretrain_train_eval_config(phantom_dir, tmp_path):
 
 
 def test_infer_config(phantom_dir, tmp_path):
-    bundle = copy_bundle(NAME, tmp_path)
-    override = {
-        "dataset_dir": str(phantom_dir),
-        "handlers#0#_disabled_": True,  # no trained weights: run the initial network
-        "num_workers": 0,
-        "device": "cpu",
-        **SIZES[NAME],
-    }
-    check_workflow(workflow(bundle, ["inference.json"], "inference", **override))
-    for image in sorted((phantom_dir / "imagesTs").glob("*.nii.gz")):
-        assert_segmentation_of(bundle / "eval", image, num_classes=5)
+    check_inference_without_weights(NAME, phantom_dir, tmp_path)

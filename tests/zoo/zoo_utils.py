@@ -90,3 +90,21 @@ def zoo_process_state(one_thread) -> Iterator[None]:
         root.setLevel(level)
         sys.path[:] = path
         torch.set_grad_enabled(grad)
+
+
+def check_inference_without_weights(name: str, phantom_dir: Path, tmp_path: Path) -> None:
+    """The bundle's inference.json with its checkpoint loader disabled (no trained weights: the initial network)
+    writes a label map on the grid of every test image."""
+    from conftest import assert_segmentation_of
+
+    bundle = copy_bundle(name, tmp_path)
+    override = {
+        "dataset_dir": str(phantom_dir),
+        "handlers#0#_disabled_": True,
+        "num_workers": 0,
+        "device": "cpu",
+        **SIZES[name],
+    }
+    check_workflow(workflow(bundle, ["inference.json"], "inference", **override))
+    for image in sorted((phantom_dir / "imagesTs").glob("*.nii.gz")):
+        assert_segmentation_of(bundle / "eval", image, num_classes=5)
