@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BUNDLES, run_bundle
+from conftest import BUNDLES, REPO, run_bundle
 
 from medcl.handlers import read_learning_curve
 
@@ -120,6 +124,34 @@ def test_torchrun_two_cpu_processes(phantom_dir, tmp_path):
     assert "Epoch[2] Complete" in proc.stdout and "Epoch[1] Complete" not in proc.stdout
     # rank 0 alone writes the learning curve, and the resumed run continues it
     assert [r["epoch"] for r in read_learning_curve(tmp_path / "models" / "learning_curve.csv")] == [1, 2]
+
+
+def test_two_nodes_on_loopback_one_shared_folder(phantom_dir, tmp_path):
+    """The multi-node command of docs/torchrun.md, two "nodes" of one process each on this host (c10d rendezvous):
+    one job, one checkpoint folder, the same configs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+    launcher += [
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=medcl-test",
+        "--local_addr=127.0.0.1",
+    ]
+    configs = repr([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", configs, *_overrides(phantom_dir, tmp_path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    nodes = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, out in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, out[-4000:]
+    models = tmp_path / "models"
+    assert (models / "model_final.pt").is_file() and (models / "run_state_rank1.pt").is_file()
+    assert not (models / ".medcl_run.lock").exists()  # rank 0 released the job's lock
 
 
 def test_missing_dataset_names_the_command_that_creates_it(tmp_path):

@@ -16,9 +16,9 @@ from medcl.errors import MedclInputError
 from medcl.handlers.run_lock import LOCK_FILE, RunDirLock
 
 
-def _hold(directory, pid, host=None):
+def _hold(directory, pid, host=None, job=None):
     os.makedirs(directory, exist_ok=True)
-    record = {"pid": pid, "host": host or os.uname().nodename, "started": "then", "command": "train"}
+    record = {"pid": pid, "host": host or os.uname().nodename, "job": job, "started": "then", "command": "train"}
     (directory / LOCK_FILE).write_text(json.dumps(record))
 
 
@@ -60,6 +60,19 @@ def test_torchrun_ranks_share_the_agents_lock(tmp_path, monkeypatch):
     lock = RunDirLock(tmp_path)
     lock.acquire()
     assert lock.held
+
+
+def test_nodes_of_one_torchrun_job_share_a_lock_on_a_shared_folder(tmp_path, monkeypatch):
+    """Multi-node: the node that took the lock is another host and agent; the job (rendezvous id and master) is one."""
+    for key, value in {"TORCHELASTIC_RUN_ID": "job7", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    _hold(tmp_path, 4242, host="gpu-node-1", job="job7@10.0.0.1:29500")
+    lock = RunDirLock(tmp_path)
+    lock.acquire()
+    assert lock.held
+    monkeypatch.setenv("MASTER_PORT", "29501")  # another job that reuses the rendezvous id
+    with pytest.raises(MedclInputError, match=r"on host gpu-node-1"):
+        RunDirLock(tmp_path).acquire()
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import time
 
 from medcl.errors import MedclInputError
 
-__all__ = ["LOCK_FILE", "RunDirLock", "run_owner"]
+__all__ = ["LOCK_FILE", "RunDirLock", "run_job", "run_owner"]
 
 LOCK_FILE = ".medcl_run.lock"
 logger = logging.getLogger(__name__)
@@ -32,6 +32,15 @@ def run_owner() -> int:
     """The process that owns a run: the ``torchrun`` agent (parent) for its ranks, so that they share one lock;
     else this process."""
     return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+
+
+def run_job() -> str | None:
+    """The ``torchrun`` job this process is a rank of, the same on every node: rendezvous id and the master's address
+    (``TORCHELASTIC_RUN_ID@MASTER_ADDR:MASTER_PORT``); ``None`` outside ``torchrun``."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id:
+        return None
+    return f"{run_id}@{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
 
 def _alive(pid: int) -> bool:
@@ -51,8 +60,10 @@ class RunDirLock:
     :meth:`acquire` creates the file (exclusively) or refuses with one message when another live process on this host
     holds it, or a process on another host (where liveness cannot be checked: delete the file if no run is alive
     there). A lock left by a dead process (a killed run) is taken over with a warning, so ``--resume true`` after
-    SIGKILL works. The ranks of one ``torchrun`` share the lock (:func:`run_owner`). :meth:`release` (also at
-    interpreter exit) removes the file if it is still this owner's (under ``torchrun``: rank 0 removes it).
+    SIGKILL works. The ranks of one ``torchrun`` share the lock: on one node through their agent's pid
+    (:func:`run_owner`), across nodes that write to one shared folder through the job (:func:`run_job`).
+    :meth:`release` (also at interpreter exit) removes the file if it is still this owner's (under ``torchrun``: rank 0
+    removes it).
 
     Args:
         directory: the run's checkpoint folder (created when missing).
@@ -63,10 +74,17 @@ class RunDirLock:
         self.path = os.path.join(self.directory, LOCK_FILE)
         self.owner = run_owner()
         self.host = socket.gethostname()
+        self.job = run_job()
         self.held = False
 
     def _record(self) -> dict:
-        return {"pid": self.owner, "host": self.host, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _cmd()}
+        return {
+            "pid": self.owner,
+            "host": self.host,
+            "job": self.job,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": _cmd(),
+        }
 
     def _read(self) -> dict | None:
         try:
@@ -109,6 +127,8 @@ class RunDirLock:
         raise MedclInputError(f"{self.path}: could not take the run lock; remove the file if no run uses the folder.")
 
     def _holds(self, held: dict) -> bool:
+        if self.job is not None and held.get("job") == self.job:
+            return True
         return held.get("pid") == self.owner and held.get("host") == self.host
 
     def _refuse_if_alive(self, held: dict) -> None:
