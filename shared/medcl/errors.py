@@ -6,7 +6,7 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["MedclError", "MedclInputError", "find_medcl_error", "install_excepthook"]
+__all__ = ["MedclError", "MedclInputError", "find_medcl_error", "install_excepthook", "worker_message"]
 
 TRACEBACK_ENV = "MEDCL_TRACEBACK"
 
@@ -41,7 +41,17 @@ def _excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType
         sys.__excepthook__(kind, exc, tb)
         return
     name = f"{type(err).__module__}.{type(err).__qualname__}"
-    sys.stderr.write(f"{name}: {err}\n(set {TRACEBACK_ENV}=1 for the full traceback)\n")
+    sys.stderr.write(f"{name}: {worker_message(str(err))}\n(set {TRACEBACK_ENV}=1 for the full traceback)\n")
+
+
+def worker_message(text: str) -> str:
+    """The error's own message from ``text``, which torch's ``DataLoader`` builds for an error raised in a loader
+    worker ("Caught <Error> in DataLoader worker process 0. Original Traceback ...: <message>"); other text as is."""
+    if "\nOriginal Traceback (most recent call last):" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    _, sep, message = last.partition(": ")
+    return message if sep else text
 
 
 def install_excepthook() -> None:

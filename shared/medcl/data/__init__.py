@@ -8,6 +8,7 @@ from medcl.data.mixed_loader import MixedLoader
 from medcl.data.partners import PartnerDataset
 from medcl.data.patches import RandPatchWithPositiond, as_patch_size, volume_pad_size
 from medcl.data.pooled import pooled_datalist, pooled_label_maps
+from medcl.data.pools import POOL_MODES, PoolPersistentDataset, make_pool_dataset
 from medcl.data.splits import (
     eval_datalist,
     load_splits,
@@ -25,9 +26,12 @@ __all__ = [
     "eval_datalist",
     "inference_datalist",
     "load_splits",
+    "make_pool_dataset",
     "MixedLoader",
     "num_labelled_cases",
     "PartnerDataset",
+    "POOL_MODES",
+    "PoolPersistentDataset",
     "pooled_datalist",
     "pooled_label_maps",
     "RandPatchWithPositiond",
