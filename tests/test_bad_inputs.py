@@ -22,6 +22,10 @@ small_volume               training pads and runs; inference writes a segmentati
 pretrained_other_net       strict (default): ``<ckpt>: the checkpoint does not fit ...``, nothing loaded;
                            ``--pretrained_strict false``: runs, the log lists the keys it did not load
 model_other_net            ``<model.pt>: the checkpoint does not fit <Net>: ... pass --ckpt_path ...``
+nonfinite_voxels, rgb,      hostile images (issue 18): ``<file>: <what is wrong> ... <fix>`` before training or
+4d_series, one_voxel_thick, inference, from ``medcl.data.checks``; odd_but_valid (int64/float64, (X, Y, Z, 1),
+zero_spacing, header_2gb,   flipped axis / negative pixdim, float label with whole values, a constant image):
+label_fractional            runs, the constant image warned about
 =========================  =====================================================================================
 """
 
@@ -582,3 +586,288 @@ def test_terminal_self_training_schedule_that_does_not_fit(base, tmp_path):
     assert proc.stdout.count("MedclInputError: ") == 1 and line in proc.stdout, proc.stdout[-3000:]
     assert "--baseline_epochs" in proc.stdout and "Traceback" not in proc.stdout
     assert not (tmp_path / "models" / "model_final.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------------- hostile images
+# Valid NIfTI files that the pipelines cannot use (issue 18, item 4): each fails in medcl.data.checks, before training
+# or inference, with one message naming the file, what is wrong and the fix. The "odd but valid" ones run.
+def _save(path: Path, data: np.ndarray, affine: np.ndarray, **header) -> None:
+    img = nib.Nifti1Image(data, affine, dtype=data.dtype)
+    for name, value in header.items():
+        img.header[name] = value
+    nib.save(img, str(path))
+
+
+def _nonfinite(path: Path) -> None:
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data.flat[[0, 100, 200]] = np.nan
+    data.flat[[300, 400]] = [np.inf, -np.inf]
+    _save(path, data, img.affine)
+
+
+def _rgb(path: Path) -> None:
+    img = nib.load(str(path))
+    grey = np.clip(np.asarray(img.dataobj), 0, 255).astype(np.uint8)
+    rgb = np.zeros(grey.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"], rgb["G"], rgb["B"] = grey, grey, grey
+    _save(path, rgb, img.affine)
+
+
+def _series(path: Path) -> None:  # 3 time points (or channels) in one file
+    img = nib.load(str(path))
+    _save(path, np.stack([np.asarray(img.dataobj)] * 3, axis=-1), img.affine)
+
+
+def _one_slice(path: Path) -> None:
+    img = nib.load(str(path))
+    _save(path, np.asarray(img.dataobj)[:, :, 10:11], img.affine)
+
+
+def _zero_spacing(path: Path) -> None:  # a zero column in the sform: what e.g. a broken converter writes
+    img = nib.load(str(path))
+    affine = img.affine.copy()
+    affine[:3, 1] = 0.0
+    out = nib.Nifti1Image(np.asarray(img.dataobj), None)
+    out.header.set_sform(affine, code=1)
+    out.header.set_qform(None, code=0)
+    nib.save(out, str(path))
+
+
+def _header_2gb(path: Path) -> None:
+    """A valid NIfTI header declaring 1024 x 1024 x 512 float32 voxels (2 GiB), then 4 KiB of data, gzipped."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((1024, 1024, 512))
+    header.set_sform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    header["vox_offset"] = 352
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + np.zeros(1024, np.float32).tobytes()))
+
+
+def _fractional_label(path: Path) -> None:  # as after resampling a label map with linear interpolation
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[data > 0] -= 0.5
+    _save(path, data, img.affine)
+
+
+HOSTILE = {  # case -> (damage, damaged file of the item, regexes on the message given that file)
+    "nonfinite_voxels": (
+        _nonfinite,
+        _image_path,
+        lambda f: [rf"^{P(str(f))}: 3 NaN and 2 infinite voxels \(of 32768\)", "Replace them", "remove the case"],
+    ),
+    "rgb": (_rgb, _image_path, lambda f: [rf"^{P(str(f))}: RGB colour voxels \(NIfTI datatype RGB24\)", "grey"]),
+    "4d_series": (
+        _series,
+        _image_path,
+        lambda f: [rf"^{P(str(f))}: a 4D image of shape \(32, 32, 32, 3\) \(3 volumes", r"img\.slicer\[\.\.\., 0\]"],
+    ),
+    "one_voxel_thick": (
+        _one_slice,
+        _image_path,
+        lambda f: [rf"^{P(str(f))}: the volume is 1 voxel thick along axis 2 \(shape \(32, 32, 1\)\)", "whole series"],
+    ),
+    "zero_spacing": (
+        _zero_spacing,
+        _image_path,
+        lambda f: [rf"^{P(str(f))}: voxel size \[[\d.]+, 0\.0, [\d.]+\] mm has a zero", "Write the true spacing"],
+    ),
+    "header_2gb": (
+        _header_2gb,
+        _image_path,
+        lambda f: [
+            rf"^{P(str(f))}: the NIfTI data is corrupt or truncated: the header declares shape \(1024, 1024, 512\) "
+            r"of float32 \(2\.0 GiB of voxel data\) but the file holds 4\.0 KiB",
+            "Re-export or re-download",
+        ],
+    ),
+    "label_fractional": (
+        _fractional_label,
+        _label_path,
+        lambda f: [rf"^{P(str(f))}: the label map holds 4 non-integer values \(0\.5, 1\.5, 2\.5, 3\.5; ", "nearest"],
+    ),
+}
+HOSTILE_IMAGES = [c for c, (_, victim, _) in HOSTILE.items() if victim is _image_path]
+
+
+@pytest.fixture(scope="module")
+def hostile(base, tmp_path_factory) -> dict[str, Bad]:
+    """A copy of ``base`` per hostile case, its first training image (or label) replaced."""
+    root = tmp_path_factory.mktemp("hostile")
+    meta = json.loads((base / "dataset.json").read_text())
+    out = {}
+    for case, (damage, victim, _) in HOSTILE.items():
+        ds = root / case
+        shutil.copytree(base, ds)
+        damage(victim(ds, meta))
+        out[case] = Bad(ds, victim(ds, meta))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hostile_inference(base, tmp_path_factory) -> dict[str, Bad]:
+    """An --input_dir per hostile image case holding the dataset's test image, damaged."""
+    root = tmp_path_factory.mktemp("hostile_inference")
+    test_image = base / json.loads((base / "dataset.json").read_text())["test"][0]
+    out = {}
+    for case in HOSTILE_IMAGES:
+        folder = root / case
+        folder.mkdir()
+        shutil.copy(test_image, folder / test_image.name)
+        HOSTILE[case][0](folder / test_image.name)
+        out[case] = Bad(base, folder / test_image.name, {"input_dir": str(folder)})
+    return out
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+@pytest.mark.parametrize("entry", TRAIN, ids=_ids(TRAIN))
+def test_train_hostile_image(entry, case, hostile, tmp_path):
+    b = hostile[case]
+    expect_error(entry, b.dataset_dir, tmp_path, HOSTILE[case][2](b.names))
+
+
+@pytest.mark.parametrize("case", HOSTILE_IMAGES)
+@pytest.mark.parametrize("entry", INFERENCE, ids=_ids(INFERENCE))
+def test_inference_hostile_image(entry, case, hostile_inference, trained_roots, tmp_path):
+    b = hostile_inference[case]
+    with pytest.raises(Exception) as excinfo:
+        run_entry(entry, b.dataset_dir, trained_roots[str(entry)], output_dir=str(tmp_path / "pred"), **b.extra)
+    msg = the_input_error(excinfo)
+    for pattern in HOSTILE[case][2](b.names):
+        assert re.search(pattern, msg), f"{pattern!r} not in: {msg}"
+    assert not list(tmp_path.rglob("*_seg.nii.gz"))
+
+
+def _odd_but_valid(ds: Path, meta: dict) -> dict[str, Path]:
+    """Rewrite ``ds``'s training cases into the odd forms that must work; return case -> image path.
+
+    int64 and float64 voxels (cast to float32 by EnsureTyped), a 4D file holding one volume ``(X, Y, Z, 1)``, a
+    flipped x axis (negative affine column, with its label; the label stored as float32 with integer values) and
+    negative ``pixdim`` values in the header, and a constant float image (warned about, not refused).
+    """
+    paths = {name: _image_path(ds, meta, i) for i, name in enumerate(["int64", "float64", "one_volume_4d", "flip"])}
+    paths["constant"] = _image_path(ds, meta, 4)
+    for name, cast in (("int64", np.int64), ("float64", np.float64)):
+        img = nib.load(str(paths[name]))
+        _save(paths[name], np.asarray(img.dataobj).astype(cast), img.affine)
+    img = nib.load(str(paths["one_volume_4d"]))
+    _save(paths["one_volume_4d"], np.asarray(img.dataobj)[..., None], img.affine)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    for path, dtype in ((paths["flip"], np.int16), (_label_path(ds, meta, 3), np.float32)):
+        img = nib.load(str(path))
+        affine = img.affine @ np.array([[-1, 0, 0, img.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+        assert np.allclose(affine[:3, :3], img.affine[:3, :3] @ flip[:3, :3])
+        _save(path, np.asarray(img.dataobj)[::-1].astype(dtype), affine)
+        raw = nib.load(str(path))
+        raw.header["pixdim"][1:4] = -np.abs(raw.header["pixdim"][1:4])  # negative spacing in pixdim: abs is read
+        nib.save(raw, str(path))
+    img = nib.load(str(paths["constant"]))
+    _save(paths["constant"], np.full(img.shape, -1000.0, np.float32), img.affine)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def odd_but_valid(base, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    ds = tmp_path_factory.mktemp("odd") / "odd_but_valid"
+    shutil.copytree(base, ds)
+    return ds, _odd_but_valid(ds, json.loads((ds / "dataset.json").read_text()))
+
+
+@pytest.mark.parametrize("entry", TRAIN, ids=_ids(TRAIN))
+def test_train_odd_but_valid_images_run(entry, odd_but_valid, tmp_path, caplog):
+    ds, paths = odd_but_valid
+    with caplog.at_level(logging.WARNING, logger="medcl.data.checks"):
+        workflow = run_entry(entry, ds, tmp_path)
+    assert_trained(entry, workflow, tmp_path)
+    warned = [r.getMessage() for r in caplog.records if r.name == "medcl.data.checks"]
+    assert any(m.startswith(f"{paths['constant']}: every voxel of the image is -1000.0") for m in warned), warned
+
+
+@pytest.mark.parametrize("entry", INFERENCE, ids=_ids(INFERENCE))
+def test_inference_odd_but_valid_images_on_input_grid(entry, odd_but_valid, base, trained_roots, tmp_path, caplog):
+    _, paths = odd_but_valid
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, path in paths.items():
+        shutil.copy(path, folder / f"{name}.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="medcl.data.checks"):
+        run_entry(entry, base, trained_roots[str(entry)], output_dir=str(tmp_path / "pred"), input_dir=str(folder))
+    assert any("constant.nii.gz: every voxel" in r.getMessage() for r in caplog.records)
+    for name in paths:
+        image = folder / f"{name}.nii.gz"
+        if name == "one_volume_4d":  # the segmentation of an (X, Y, Z, 1) file is (X, Y, Z), same grid
+            pred = nib.load(str(tmp_path / "pred" / f"{name}_seg.nii.gz"))
+            assert pred.shape == nib.load(str(image)).shape[:3]
+            continue
+        assert_segmentation_of(tmp_path / "pred", image, NUM_CLASSES)
+
+
+def _variant(case: str, path: Path) -> str:
+    """Write the variant ``case`` to ``path``; return the regex its message must match after the path."""
+    data, affine = np.ones((8, 8, 8), np.float32), np.diag([1.5, 1.5, 2.0, 1.0])
+    if case == "2d_image":
+        _save(path, data[:, :, 0], affine)
+        return r"the volume is 1 voxel thick along axis 2 \(shape \(8, 8\)\)"
+    if case == "5d_vector":  # NIfTI's vector convention (X, Y, Z, 1, C)
+        _save(path, np.ones((8, 8, 8, 1, 3), np.float32), affine)
+        return r"a 5D image of shape \(8, 8, 8, 1, 3\) \(3 volumes"
+    if case == "rgba":
+        _save(path, np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")]), affine)
+        return r"RGB colour voxels \(NIfTI datatype RGBA32\)"
+    img = nib.Nifti1Image(data, None)  # no sform, no qform: the affine comes from pixdim
+    if case == "zero_pixdim_without_sform":  # nibabel would read the zero as 1 mm
+        img.header["pixdim"][1:4] = [1.5, 1.5, 0.0]
+        expect = r"voxel size \[1\.5, 1\.5, 0\.0\] mm has a zero or non-finite spacing along axis 2"
+    else:  # infinite_affine
+        img.header.set_sform(np.diag([np.inf, 1.5, 2.0, 1.0]), code=1)
+        expect = r"voxel size \[inf, 1\.5, 2\.0\] mm has a zero or non-finite spacing along axis 0"
+    nib.save(img, str(path))
+    return expect
+
+
+@pytest.mark.parametrize("case", ["2d_image", "5d_vector", "rgba", "zero_pixdim_without_sform", "infinite_affine"])
+def test_check_hostile_variants(case, tmp_path):
+    """Variants of the hostile cases above, at the check itself (milliseconds each)."""
+    from medcl.data import checks
+
+    path = tmp_path / f"{case}.nii.gz"
+    expect = _variant(case, path)
+    with pytest.raises(MedclInputError, match=rf"^{P(str(path))}: {expect}"):
+        checks.check_datalist([{"image": str(path)}], keys=("image",))
+
+
+def test_check_float_label_with_integer_values_passes(tmp_path):
+    """A label map stored as float64 holding whole numbers is a label map: its values are the classes."""
+    from medcl.data import checks
+
+    image, label = tmp_path / "image.nii.gz", tmp_path / "label.nii.gz"
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    _save(image, np.ones((8, 8, 8), np.int16), affine)
+    _save(label, np.arange(512, dtype=np.float64).reshape(8, 8, 8) % 3, affine)
+    checks.check_datalist([{"image": str(image), "label": str(label)}], label_values=[0, 1, 2])
+
+
+def test_header_2gb_is_refused_without_reading_the_data(tmp_path, monkeypatch):
+    """A 2 GiB header in a 4 KiB file is refused from its stored length: nibabel never allocates the 2 GiB."""
+    from medcl.data import checks
+
+    path = tmp_path / "big.nii.gz"
+    _header_2gb(path)
+    monkeypatch.setattr(checks, "_read_data", lambda *a: pytest.fail("the data must not be read"))
+    with pytest.raises(MedclInputError, match=rf"^{P(str(path))}: .*\(2\.0 GiB of voxel data\) but the file holds 4"):
+        checks.check_datalist([{"image": str(path)}], keys=("image",))
+
+
+def test_terminal_inference_hostile_image(hostile_inference, trained_roots):
+    """What a user of inference.json sees for a NaN image: the one message, no traceback."""
+    b, entry = hostile_inference["nonfinite_voxels"], INFERENCE[0]  # scratch_baseline/inference
+    args = [a for k, v in {**entry.tiny, **b.extra}.items() for a in (f"--{k}", str(v))]
+    root = trained_roots[str(entry)]
+    proc = run_bundle([entry.configs / "inference.json"], "--bundle_root", str(root), *args)
+    assert proc.returncode != 0
+    line = f"medcl.errors.MedclInputError: {b.names}: 3 NaN and 2 infinite voxels (of 32768)"
+    assert proc.stdout.count("MedclInputError: ") == 1 and line in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,17 +42,25 @@ def _read_data(img: nib.spatialimages.SpatialImage, path: str, origin: str) -> n
         ) from e
 
 
+def _declared_bytes(img: nib.spatialimages.SpatialImage) -> tuple[int, int] | None:
+    """``(vox_offset, voxel data bytes)`` the header of a single-file NIfTI announces; None for other formats."""
+    offset = getattr(img.dataobj, "offset", None)  # where the voxel data starts (the header's vox_offset)
+    if not isinstance(img, nib.Nifti1Image) or offset is None:  # Nifti2Image included; not .hdr/.img pairs
+        return None
+    return int(offset), int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+
+
 def _stored_size_ok(img: nib.spatialimages.SpatialImage, path: str) -> bool:
     """Cheap test that a NIfTI file holds all the voxel data its header announces, without decompressing it.
 
     ``.nii``: the file size; ``.nii.gz``: the uncompressed size a gzip stream records in its last 4 bytes (modulo
     2**32), against ``vox_offset`` + the data size. False means "suspicious" (truncated, corrupt, or a gzip file
-    of several members): the caller then reads the data to decide. Other formats: True.
+    of several members): the caller then measures the stored length (:func:`_stored_length`). Other formats: True.
     """
-    offset = getattr(img.dataobj, "offset", None)  # where the voxel data starts (the header's vox_offset)
-    if not isinstance(img, nib.Nifti1Image) or offset is None:  # Nifti2Image included; not .hdr/.img pairs
+    declared = _declared_bytes(img)
+    if declared is None:
         return True
-    expected = int(offset) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+    expected = sum(declared)
     name = path.lower()
     try:
         if name.endswith(".nii"):
@@ -62,6 +72,166 @@ def _stored_size_ok(img: nib.spatialimages.SpatialImage, path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _stored_length(path: str, limit: int, chunk: int = 1 << 20) -> int:
+    """Bytes of NIfTI data (header included) stored in ``path``, counted up to ``limit`` in ``chunk``-sized reads.
+
+    ``.nii``: the file size; ``.nii.gz``: the decompressed length of every gzip member, streamed (memory stays at
+    ``chunk``, whatever the header declares). A corrupt stream counts as what decompressed before the damage.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        limit: stop counting once this many bytes are found (the header's ``vox_offset`` + data size).
+        chunk: read size in bytes.
+
+    Returns:
+        ``min(stored, limit)`` for ``.nii.gz``; the file size for anything else.
+    """
+    if not path.lower().endswith(".gz"):
+        return os.path.getsize(path)
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while total < limit:
+                block = f.read(min(chunk, limit - total))
+                if not block:
+                    break
+                total += len(block)
+    except (OSError, EOFError, zlib.error):
+        pass
+    return total
+
+
+def _check_stored_size(img: nib.spatialimages.SpatialImage, path: str, origin: str) -> None:
+    """Refuse a file shorter than its header declares before reading it: a header announcing 2 GB of voxels in a
+    small file would otherwise make nibabel allocate the 2 GB first.
+
+    Raises:
+        MedclInputError: naming the declared shape, dtype and size, and how much the file holds.
+    """
+    declared = _declared_bytes(img)
+    if declared is None or _stored_size_ok(img, path):
+        return
+    offset, nbytes = declared
+    stored = _stored_length(path, offset + nbytes)
+    held = _size(max(stored - offset, 0))
+    if stored < offset + nbytes:
+        raise MedclInputError(
+            f"{path}: the NIfTI data is corrupt or truncated: the header declares shape {tuple(img.shape)} of "
+            f"{img.get_data_dtype()} ({_size(nbytes)} of voxel data) but the file holds {held}. "
+            f"Re-export or re-download it, or remove the case from {origin}."
+        )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _check_geometry(img: nib.spatialimages.SpatialImage, path: str, origin: str) -> None:
+    """Refuse what the 3D one-channel pipelines cannot use, from the header alone (no voxel data read).
+
+    Refused: RGB/RGBA voxels (a structured NIfTI datatype); more than one volume in a file (4D time series or
+    channels, 5D vector images; a 4D file of shape ``(X, Y, Z, 1)`` is one volume and passes); a volume with a
+    spatial axis of 1 voxel (a single slice, or a 2D image); an affine with a zero, infinite or NaN voxel size; a
+    zero voxel size in ``pixdim`` when no sform gives the affine (nibabel would silently read it as 1 mm). A negative
+    ``pixdim`` passes: NIfTI readers use its absolute value, the axis direction being the qform's; a negative
+    column of the affine is an axis flip, undone by ``Orientationd``.
+
+    Raises:
+        MedclInputError: naming the file, what is wrong and the fix.
+    """
+    shape, dtype = tuple(img.shape), img.get_data_dtype()
+    if dtype.fields is not None:
+        raise MedclInputError(
+            f"{path}: RGB colour voxels (NIfTI datatype {'RGBA32' if len(dtype.fields) == 4 else 'RGB24'}), but the "
+            "bundles take one grey-value channel. Convert it to grey values (e.g. the mean of R, G and B) and save "
+            f"it as a 3D volume, or remove the case from {origin}."
+        )
+    if len(shape) > 4 or (len(shape) == 4 and shape[3] > 1):
+        n = int(np.prod(shape[3:]))
+        raise MedclInputError(
+            f"{path}: a {len(shape)}D image of shape {shape} ({n} volumes: time points or channels), but the "
+            "bundles take one 3D grey-value volume per case (in_channels 1). Save the volume you want as its own "
+            f"file (e.g. nibabel: img.slicer[..., 0]; FSL: fslroi <file> <out> 0 1) and list that file in {origin}."
+        )
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        thin = [i for i, n in enumerate(shape[:3]) if n < 2] or [len(shape)]
+        raise MedclInputError(
+            f"{path}: the volume is {shape[thin[0]] if len(shape) > thin[0] else 1} voxel thick along axis "
+            f"{thin[0]} (shape {shape}): a single slice, not a 3D volume; the bundles need 3D volumes (resampling, "
+            f"3D patches and slices along every axis). Export the whole series, or remove the case from {origin}."
+        )
+    sizes = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)
+    bad = [i for i, v in enumerate(sizes) if not np.isfinite(v) or v < 1e-6]
+    header = img.header
+    if not bad and isinstance(header, nib.Nifti1Header) and int(header["sform_code"]) == 0:
+        pixdim = _raw_pixdim(header, path)
+        bad = [i for i, v in enumerate(pixdim) if not np.isfinite(v) or v == 0]
+        sizes = pixdim
+    if bad:
+        shown = [round(float(v), 4) for v in sizes]
+        raise MedclInputError(
+            f"{path}: voxel size {shown} mm has a zero or non-finite spacing along axis {bad[0]}: the voxel grid is "
+            "undefined (resampling to pixdim would be wrong or fail). Write the true spacing into the header (the "
+            f"sform/qform affine and pixdim), e.g. re-convert the DICOM series, or remove the case from {origin}."
+        )
+
+
+def _raw_pixdim(header: nib.Nifti1Header, path: str) -> np.ndarray:
+    """``pixdim[1:4]`` as stored in ``path``'s header: nibabel's loaded header has replaced a zero by 1 already.
+
+    Args:
+        header: the header nibabel loaded (its class reads the raw one).
+        path: the NIfTI file.
+
+    Returns:
+        The three stored voxel sizes, float64; the loaded header's when the file cannot be re-read.
+    """
+    try:
+        with nib.openers.ImageOpener(path) as f:
+            raw = type(header).from_fileobj(f, check=False)
+        return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # the header loaded once already; keep its (fixed) values
+        return np.asarray(header["pixdim"][1:4], dtype=np.float64)
+
+
+def _check_values(data: np.ndarray, key: str, path: str, origin: str) -> None:
+    """Check the voxel values of an image (``key != "label"``) once read: shape of ``data`` any.
+
+    Raises:
+        MedclInputError: NaN or infinite voxels (they turn the intensity scaling, the losses and the weights into
+            NaN), with their count.
+    """
+    if data.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(data)
+    if finite.all():
+        return
+    n_nan = int(np.isnan(data).sum())
+    n_inf = int(finite.size - finite.sum()) - n_nan
+    raise MedclInputError(
+        f"{path}: {n_nan} NaN and {n_inf} infinite voxels (of {data.size}); one would make the intensity scaling, "
+        "the losses and then the weights NaN. Replace them (e.g. numpy.nan_to_num with the background value) and "
+        f"re-save the file, or remove the case from {origin}."
+    )
+
+
+def _warn_if_constant(data: np.ndarray, path: str, origin: str) -> None:
+    """Log a warning for an image whose voxels all have one value (numerically harmless, but usually a failed
+    export or an anonymisation that blanked the volume)."""
+    if data.size and data.min() == data.max():
+        logger.warning(
+            "%s: every voxel of the image is %s (a constant image, listed in %s): it carries no information, and is "
+            "usually a failed export or a blanked volume. The run goes on (it is scaled to one value, no NaN); "
+            "re-export it or remove the case.",
+            path,
+            data.flat[0].item(),
+            origin,
+        )
 
 
 def _label_values(data: np.ndarray) -> set:
@@ -79,6 +249,9 @@ def _label_values(data: np.ndarray) -> set:
 def _check_item(item: dict, keys: Sequence[str], level: str, origin: str, label_values: set[int] | None) -> set:
     """Check one item's files; return the values found in its label map (empty without one)."""
     images = {k: _load_header(item[k], origin) for k in keys if k in item}
+    for key, img in images.items():
+        _check_geometry(img, item[key], origin)
+        _check_stored_size(img, item[key], origin)  # before the pair check: a 2 GB header is this file's fault
     if "image" in images and "label" in images:
         img, lab = images["image"], images["label"]
         if tuple(img.shape[:3]) != tuple(lab.shape[:3]):
@@ -95,13 +268,26 @@ def _check_item(item: dict, keys: Sequence[str], level: str, origin: str, label_
             )
     found: set = set()
     for key, img in images.items():
-        # label maps are always read (they compress well, and their values matter); images at "full" or when suspicious
-        if key != "label" and level != "full" and _stored_size_ok(img, item[key]):
+        # label maps are always read (they compress well, and their values matter); images at "full", when stored
+        # as floating point (NaN and inf are possible only there) or when their stored length looked suspicious
+        if key != "label" and level != "full" and img.get_data_dtype().kind != "f" and _stored_size_ok(img, item[key]):
             continue
         data = _read_data(img, item[key], origin)
         if key != "label":
+            _check_values(data, key, item[key], origin)
+            _warn_if_constant(data, item[key], origin)
             continue
         found = _label_values(data)
+        fractional = sorted((v for v in found if not isinstance(v, int)), key=float)
+        if fractional:
+            shown = ", ".join(f"{float(v):g}" for v in fractional[:4]) + (", …" if len(fractional) > 4 else "")
+            raise MedclInputError(
+                f"{item[key]}: the label map holds {len(fractional)} non-integer values ({shown}; stored as "
+                f"{img.get_data_dtype()}), but a label map holds class indices 0, 1, 2, … (values like these come "
+                "from resampling with linear interpolation, or from saving probabilities). Re-make it with "
+                "nearest-neighbour interpolation (or round it, numpy.rint) and save it as integers, or remove the "
+                f"case from {origin}."
+            )
         unknown = sorted(found - label_values, key=float) if label_values is not None else []
         if unknown:
             raise MedclInputError(
@@ -125,10 +311,14 @@ def check_datalist(
     Args:
         datalist: items like ``{"image": path, "label": path}``.
         keys: which keys hold file paths to check (missing keys are skipped).
-        level: ``"off"`` (only emptiness); ``"header"`` (files exist, headers load, image/label shape and
-            affine agree, each NIfTI file is as long as its header needs, so a truncated file fails here (a
-            suspicious one is decompressed to decide), and label maps are read: their values are checked against
-            ``label_values``); ``"full"`` (also decompress every image, catching corruption inside the data).
+        level: ``"off"`` (only emptiness); ``"header"`` (files exist, headers load, each file is one 3D
+            grey-value volume at least 2 voxels thick with a finite, non-zero voxel size (no RGB, no 4D series;
+            see :func:`_check_geometry`), image/label shape and affine agree, each NIfTI file is as long as its
+            header needs, so a truncated file fails here without allocating what its header declares (a
+            suspicious one is decompressed to decide), label maps are read: their values must be integers in
+            ``label_values``; images stored as floating point are read: no NaN or infinite voxel); ``"full"``
+            (also decompress every image, catching corruption inside the data). An image read whose voxels are
+            all one value is logged as a warning (the run goes on).
         origin: where the list came from (e.g. the dataset.json path), quoted in errors.
         label_values: allowed label values (``dataset.json`` 'labels' keys, or the whole ``{value: name}`` map).
             A value that no label map of the list contains is logged as a warning (training goes on: the class
@@ -137,7 +327,7 @@ def check_datalist(
         name: what the list is (``"training"``, ``"validation"``), quoted in errors.
 
     Raises:
-        MedclInputError: on the first problem found, naming the file and the fix.
+        MedclInputError: on the first problem found, naming the file, what is wrong and the fix.
     """
     if level not in CHECK_LEVELS:
         raise MedclInputError(f"check level must be one of {CHECK_LEVELS}, got {level!r}.")

@@ -8,7 +8,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
 
-__all__ = ["ScaleIntensityByModalityd"]
+__all__ = ["ScaleIntensityByModalityd", "foreground_or_all"]
 
 
 class ScaleIntensityByModalityd(MapTransform):
@@ -53,3 +53,20 @@ class ScaleIntensityByModalityd(MapTransform):
         if self.modality_key is not None and self.modality_key in data:
             modality = str(data[self.modality_key]).upper()
         return self.ct_scaler(data) if modality == "CT" else self.percentile_scaler(data)
+
+
+def foreground_or_all(img):
+    """Foreground mask for ``CropForegroundd``'s ``select_fn``: voxels above 0, or every voxel when none is.
+
+    After :class:`ScaleIntensityByModalityd`, a constant image (a blank export) or one with nothing inside the CT
+    window (all air) has no voxel above 0; MONAI's default would crop it to an empty volume, which fails later (an
+    empty patch in training, a traceback in inference). With this mask the whole volume is kept instead.
+
+    Args:
+        img: the scaled image, ``(C, *spatial)``, a tensor or an array.
+
+    Returns:
+        A boolean mask of ``img``'s shape and type.
+    """
+    mask = img > 0
+    return mask if mask.any() else mask | True
