@@ -98,10 +98,11 @@ METHODS: dict[str, Method] = {
 _CPU_2D = {
     "spatial_dims": 2,
     "patch_size": 64,
-    "max_epochs": 20,
+    "max_epochs": 150,
     "epoch_length": 20,
     "val_interval": 5,
     "samples_per_volume": 4,
+    "pretrain": {"max_epochs": 50},
 }
 _CPU_UNETR = {
     "spatial_dims": 3,
@@ -120,20 +121,25 @@ _CPU_UNETR = {
 _CPU_SELFTRAIN = {
     "spatial_dims": 2,
     "patch_size": 64,
-    "max_epochs": 20,
+    "max_epochs": 145,
     "epoch_length": 20,
-    "val_interval": 2,
+    "val_interval": 5,
     "num_rounds": 3,
-    "round_epochs": 4,
+    "round_epochs": 15,
     "samples_per_volume": 4,
 }
 
 #: Per-bundle overrides of every run (pre-training and fine-tuning; a ``"pretrain"`` entry holds overrides of the
 #: pre-training run only) and the default grid of each preset.
 #:
-#: - ``cpu``: finishes in under an hour on 2 CPU cores: 2D 64² slices for the U-Nets (400 iterations), a narrow
-#:   UNETR on 32³ patches for MixCL (300 iterations, learning rate 5e-4 for pre-training and fine-tuning alike,
-#:   since 1e-4 barely moves in 300 steps; one P1 patch per volume in pre-training, whose step makes 3 views);
+#: - ``cpu``: budgets set from measured learning curves on 2 CPU cores (``docs/benchmark.md``, "Headroom and
+#:   convergence"): 2D 64² slices for the U-Nets, 3000 fine-tuning iterations (150 x 20; the scratch control's best
+#:   validation Dice gains < 0.01 over the last quarter at 1-26 labelled volumes) and 1000 MACL pre-training
+#:   iterations; the self-training rows 2900 iterations (baseline 2000, then 3 rounds of 300: the bundle's 0.2.0
+#:   schedule); a narrow UNETR on 32³ patches for MixCL (300 iterations, learning rate 5e-4 for pre-training and
+#:   fine-tuning alike; **not converged**, the UNETR finds only the liver at this size, see the MixCL docs). One 2D
+#:   cell takes 4-13 min here, so the default grid takes an estimated 1.5 hours (``--overrides`` shortens it for a smoke
+#:   run, e.g. ``{'scratch_baseline': {'max_epochs': 20}}``);
 #: - ``paper``: for a GPU. MixCL, the scratch baseline and the self-training bundle run with their own defaults (MixCL:
 #:   UNETR on 96³, 1000 pre-training and 2000 fine-tuning iterations); MACL (and its random-init control) with the
 #:   paper's size (§IV.B, :data:`_PAPER_MACL`): 512² slices, U-Net widths 32-64-128-256-512, 100 epochs, 16 slices
