@@ -342,7 +342,7 @@ def main(
 
     Args:
         run: name of the run folder under ``out`` (default: the preset's name).
-        preset: ``cpu`` (under an hour on 2 cores) or ``paper`` (the papers' sizes, for a GPU); sets the sizes and
+        preset: ``cpu`` (converged 2D budgets, about 1.5 hours on 2 cores) or ``paper`` (the papers' sizes, for a GPU); sets the sizes and
             the default grid.
         methods: entries of :data:`medcl.benchmark.grid.METHODS` (default: the preset's).
         fractions: label fractions in (0, 1] (default: the preset's).
