@@ -45,6 +45,7 @@ from medcl.bundle import verify_metadata_offline
 from medcl.data import as_patch_size, read_dataset_info
 from medcl.errors import MedclInputError
 from medcl.utils.checkpoints import file_sha256, require_checkpoint
+from medcl.weights.manifest import MANIFEST_SUFFIX
 
 __all__ = ["export_bundle"]
 
@@ -142,6 +143,9 @@ def export_bundle(
     shipped = [f for f in WEIGHTS if (trained_root / "models" / f).is_file()]
     for f in shipped:
         shutil.copy2(trained_root / "models" / f, stage / "models" / f)
+        side = trained_root / "models" / (f + MANIFEST_SUFFIX)  # medcl.weights manifest: travels with its weights
+        if side.is_file():
+            shutil.copy2(side, stage / "models" / side.name)
 
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))

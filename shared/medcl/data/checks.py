@@ -131,7 +131,7 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-def _check_geometry(img: nib.spatialimages.SpatialImage, path: str, origin: str) -> None:
+def _check_geometry(img: nib.spatialimages.SpatialImage, path: str, origin: str, in_channels: int = 1) -> None:
     """Refuse what the 3D one-channel pipelines cannot use, from the header alone (no voxel data read).
 
     Refused: RGB/RGBA voxels (a structured NIfTI datatype); more than one volume in a file (4D time series or
@@ -140,6 +140,10 @@ def _check_geometry(img: nib.spatialimages.SpatialImage, path: str, origin: str)
     zero voxel size in ``pixdim`` when no sform gives the affine (nibabel would silently read it as 1 mm). A negative
     ``pixdim`` passes: NIfTI readers use its absolute value, the axis direction being the qform's; a negative
     column of the affine is an axis flip, undone by ``Orientationd``.
+
+    With ``in_channels`` C > 1 (an image key of a multi-channel dataset, MSD style: the channels along a 4th
+    axis, e.g. BraTS), exactly a 4D ``(X, Y, Z, C)`` image is accepted; one volume or another channel count is
+    refused.
 
     Raises:
         MedclInputError: naming the file, what is wrong and the fix.
@@ -151,12 +155,23 @@ def _check_geometry(img: nib.spatialimages.SpatialImage, path: str, origin: str)
             "bundles take one grey-value channel. Convert it to grey values (e.g. the mean of R, G and B) and save "
             f"it as a 3D volume, or remove the case from {origin}."
         )
-    if len(shape) > 4 or (len(shape) == 4 and shape[3] > 1):
+    if in_channels > 1:
+        channels = shape[3] if len(shape) == 4 else 1 if len(shape) == 3 else int(np.prod(shape[3:]))
+        if len(shape) > 4 or channels != in_channels:
+            raise MedclInputError(
+                f"{path}: an image of shape {shape} ({channels} channel{'s' if channels != 1 else ''}), but "
+                f"in_channels is {in_channels}: a {in_channels}-channel image is a 4D file of shape (X, Y, Z, "
+                f"{in_channels}) (MSD layout, the channels along the 4th axis). Set --in_channels {channels} when "
+                f"every image has {channels}, or re-save this case with its {in_channels} channels "
+                f"(e.g. nibabel: numpy.stack([...], axis=-1)), or remove it from {origin}."
+            )
+    elif len(shape) > 4 or (len(shape) == 4 and shape[3] > 1):
         n = int(np.prod(shape[3:]))
         raise MedclInputError(
             f"{path}: a {len(shape)}D image of shape {shape} ({n} volumes: time points or channels), but the "
             "bundles take one 3D grey-value volume per case (in_channels 1). Save the volume you want as its own "
-            f"file (e.g. nibabel: img.slicer[..., 0]; FSL: fslroi <file> <out> 0 1) and list that file in {origin}."
+            f"file (e.g. nibabel: img.slicer[..., 0]; FSL: fslroi <file> <out> 0 1) and list that file in {origin}; "
+            f"or, for {n} channels of one case, set --in_channels {n} (bundles that have the key)."
         )
     if len(shape) < 3 or min(shape[:3]) < 2:
         thin = [i for i, n in enumerate(shape[:3]) if n < 2] or [len(shape)]
@@ -246,11 +261,13 @@ def _label_values(data: np.ndarray) -> set:
     return {int(v) if float(v).is_integer() else v for v in np.unique(data).tolist()}
 
 
-def _check_item(item: dict, keys: Sequence[str], level: str, origin: str, label_values: set[int] | None) -> set:
+def _check_item(
+    item: dict, keys: Sequence[str], level: str, origin: str, label_values: set[int] | None, in_channels: int = 1
+) -> set:
     """Check one item's files; return the values found in its label map (empty without one)."""
     images = {k: _load_header(item[k], origin) for k in keys if k in item}
     for key, img in images.items():
-        _check_geometry(img, item[key], origin)
+        _check_geometry(img, item[key], origin, in_channels if key != "label" else 1)
         _check_stored_size(img, item[key], origin)  # before the pair check: a 2 GB header is this file's fault
     if "image" in images and "label" in images:
         img, lab = images["image"], images["label"]
@@ -305,6 +322,7 @@ def check_datalist(
     label_values: Sequence[int] | Mapping[int, str] | None = None,
     num_threads: int = 4,
     name: str = "datalist",
+    in_channels: int = 1,
 ) -> list[dict]:
     """Check every file of a datalist and return the datalist unchanged.
 
@@ -325,6 +343,7 @@ def check_datalist(
             is left out of the mean Dice and never sampled by the contrastive losses).
         num_threads: threads used to read files.
         name: what the list is (``"training"``, ``"validation"``), quoted in errors.
+        in_channels: channels per image (not label): 1, a 3D volume; C > 1, a 4D ``(X, Y, Z, C)`` file each.
 
     Raises:
         MedclInputError: on the first problem found, naming the file, what is wrong and the fix.
@@ -340,7 +359,7 @@ def check_datalist(
     allowed = None if label_values is None else {int(v) for v in label_values}
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         # list() re-raises the first error in datalist order
-        found = list(pool.map(lambda it: _check_item(it, keys, level, origin, allowed), datalist))
+        found = list(pool.map(lambda it: _check_item(it, keys, level, origin, allowed, in_channels), datalist))
     if allowed is not None and "label" in keys and any("label" in it for it in datalist):
         absent = sorted(allowed - set().union(*found))
         if absent:

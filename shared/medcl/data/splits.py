@@ -208,6 +208,7 @@ def load_splits(
     include_test: bool = False,
     test_fraction: float = 0.0,
     test_seed: int = 0,
+    in_channels: int = 1,
 ) -> dict[str, list[dict]]:
     """Load ``<dataset_dir>/dataset.json``, check its files and split it (see :func:`split_datalist`).
 
@@ -224,6 +225,8 @@ def load_splits(
         test_fraction: fraction of ``training`` carved out first as a fixed test set, in [0, 1); must be 0 when
             the dataset has labelled ``test`` entries.
         test_seed: seed of that draw, independent of ``seed``.
+        in_channels: channels per image: 1 (a 3D volume each) or C > 1 (a 4D ``(X, Y, Z, C)`` file each, MSD
+            layout); see :func:`medcl.data.checks.check_datalist`.
 
     Returns:
         ``{"test", "val", "labelled", "unlabelled"}`` datalists with absolute paths.
@@ -239,10 +242,14 @@ def load_splits(
         training = load_decathlon_datalist(path, is_segmentation=True, data_list_key="training")
     except (KeyError, ValueError) as e:
         raise MedclInputError(f"{path} has no usable 'training' list ({e}); list image/label pairs there.") from e
-    check_datalist(training, level=check, origin=path, label_values=info.labels, name="'training'")
+    check_datalist(
+        training, level=check, origin=path, label_values=info.labels, name="'training'", in_channels=in_channels
+    )
     test_labelled, test_images = read_test_entries(dataset_dir)
     if test_labelled:
-        check_datalist(test_labelled, level=check, origin=path, label_values=info.labels, name="'test'")
+        check_datalist(
+            test_labelled, level=check, origin=path, label_values=info.labels, name="'test'", in_channels=in_channels
+        )
     splits = split_datalist(
         training,
         val_fraction,
@@ -256,7 +263,7 @@ def load_splits(
         origin=path,
     )
     if include_test and test_images:
-        check_datalist(test_images, keys=("image",), level=check, origin=path, name="'test'")
+        check_datalist(test_images, keys=("image",), level=check, origin=path, name="'test'", in_channels=in_channels)
         splits["unlabelled"] += test_images
     return splits
 

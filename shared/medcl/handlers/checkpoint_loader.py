@@ -10,6 +10,7 @@ from monai.handlers import CheckpointLoader
 
 from medcl.errors import MedclInputError
 from medcl.utils.checkpoints import compare_state_dicts, require_checkpoint, verify_sha256
+from medcl.weights.manifest import verify_manifest
 
 __all__ = ["SafeCheckpointLoader"]
 
@@ -17,7 +18,8 @@ __all__ = ["SafeCheckpointLoader"]
 class SafeCheckpointLoader(CheckpointLoader):
     """
     MONAI's :class:`~monai.handlers.CheckpointLoader` for weights that came from elsewhere: before anything is
-    read, the file must exist (message naming it) and, when ``sha256`` is given, match it; then it is read with
+    read, the file must exist (message naming it) and, when ``sha256`` is given, match it (and the sha256 in its
+    ``<file>.manifest.json``, :func:`medcl.weights.verify_manifest`, when it has one); then it is read with
     ``torch.load(..., weights_only=True)`` (what MONAI's loader does), so a file carrying pickled code is refused
     with one clear error and nothing in it runs.
 
@@ -43,6 +45,7 @@ class SafeCheckpointLoader(CheckpointLoader):
             self.load_path, "train the bundle first (train.json) or download it", "checkpoint", "--ckpt_path"
         )
         verify_sha256(path, self.sha256)
+        verify_manifest(path)  # <file>.manifest.json, when medcl wrote one: its sha256 must match too
         try:  # memory-mapped, so checking costs no second read of the weights
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 from medcl.handlers.run_state import register_run_state
 from medcl.utils.atomic import DiskFullError, disk_full_error
+from medcl.weights.manifest import MANIFEST_SUFFIX, write_manifest
 
 __all__ = ["AtomicCheckpointSaver"]
+
+logger = logging.getLogger(__name__)
+
+
+def _weights_of(checkpoint: Mapping) -> Mapping:
+    """The network's state dict in what Ignite saves: the dict itself (one ``save_dict`` entry) or its ``"model"``."""
+    inner = checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
+    return inner if isinstance(inner, Mapping) else checkpoint
 
 
 class _SaveThenRemove(BaseSaveHandler):
@@ -26,10 +37,11 @@ class _SaveThenRemove(BaseSaveHandler):
     just written is dropped.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, manifest: Callable[[], Mapping] | None = None) -> None:
         self.inner = inner
         self.inner._atomic = True
         self.pending: list[str] = []
+        self.manifest = manifest
 
     @property
     def dirname(self):  # what Ignite reads of a DiskSaver (e.g. Checkpoint.last_checkpoint)
@@ -38,6 +50,10 @@ class _SaveThenRemove(BaseSaveHandler):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         folder = Path(self.inner.dirname)
         before = set(folder.glob("tmp*"))
+        target = getattr(self.inner, "filename", None) or filename  # MONAI's saver writes its fixed name (model.pt)
+        # the old manifest goes first: a kill before the new one is written leaves weights without a manifest (they
+        # load, unchecked), never beside a stale one (refused as a sha256 mismatch)
+        (folder / (target + MANIFEST_SUFFIX)).unlink(missing_ok=True)
         try:
             self.inner(checkpoint, filename, metadata)
         except OSError as e:
@@ -46,11 +62,24 @@ class _SaveThenRemove(BaseSaveHandler):
             for tmp in set(folder.glob("tmp*")) - before:  # Ignite leaves its temporary file if closing it fails
                 tmp.unlink(missing_ok=True)
             raise disk_full_error(str(folder / filename), _size(folder / filename)) from e
+        if self.manifest is not None:
+            self._write_manifest(folder / target, checkpoint)
         if getattr(self.inner, "filename", None) is None:  # a fixed name (MONAI's model.pt) was just replaced in place
             for old in self.pending:
                 if old != filename:
                     self.inner.remove(old)
+                    (folder / (old + MANIFEST_SUFFIX)).unlink(missing_ok=True)
         self.pending = []
+
+    def _write_manifest(self, path: Path, checkpoint: Mapping) -> None:
+        """``<path>.manifest.json`` (:mod:`medcl.weights.manifest`); a failure other than a full disk is logged and
+        the run goes on (the weights are saved; they load without a manifest)."""
+        try:
+            write_manifest(path, _weights_of(checkpoint), self.manifest())
+        except DiskFullError:
+            raise
+        except Exception as e:
+            logger.warning("%s: the weights are saved but their manifest could not be written: %s", path, e)
 
     def remove(self, filename: str) -> None:
         self.pending.append(filename)
@@ -72,15 +101,41 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     With ``save_final``, an exception (a non-finite loss, Ctrl-C) saves the final checkpoint only when the run has
     trained at least one iteration since it started: an error before training (a pre-trained or run state that does
-    not fit, ...) leaves the files of an earlier run as they are. Arguments as :class:`~monai.handlers.CheckpointSaver`.
+    not fit, ...) leaves the files of an earlier run as they are.
+
+    With ``manifest``, every file saved gets a ``<file>.manifest.json`` beside it (:mod:`medcl.weights.manifest`:
+    network class and arguments, spatial dims, in/out channels, pre-trained parts, loss, data, versions, sha256),
+    written after the weights are in place and removed with them.
+
+    Args:
+        args, kwargs: as :class:`~monai.handlers.CheckpointSaver`.
+        manifest: fields for the manifest (e.g. ``{"role": "pretrained", "network": <the network>, "network_config":
+            "network_def", "pretrained_parts": [...], "loss": ..., "dataset": {...}}``; ``network`` may be the module,
+            its class and the arguments of the bundle config's ``network_config`` key are recorded). None: no manifest.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, manifest: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._manifest_fields = None if manifest is None else dict(manifest)
+        self._manifest_cache: dict[str, Any] | None = None
+        writer = None if manifest is None else self._manifest
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
-                ckpt.save_handler = _SaveThenRemove(ckpt.save_handler)
+                ckpt.save_handler = _SaveThenRemove(ckpt.save_handler, writer)
         self._trained = False
+
+    def _manifest(self) -> dict[str, Any]:
+        """The configured manifest fields, the network resolved once to its class and config arguments."""
+        if self._manifest_cache is None:
+            from medcl.weights.manifest import network_spec
+
+            fields = dict(self._manifest_fields or {})
+            config_id = fields.pop("network_config", "network_def")
+            network = fields.get("network")
+            if network is None or isinstance(network, torch.nn.Module):
+                fields["network"] = network_spec(network, config_id)
+            self._manifest_cache = fields
+        return self._manifest_cache
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
@@ -61,6 +61,8 @@ class PretrainedLoader:
         map_location: passed to ``torch.load``. Defaults to ``"cpu"``.
         how_to_make: how to create the checkpoint, for the "not found" message.
         sha256: expected sha256 of the checkpoint (None: no check), see :func:`load_pretrained`.
+        channel_mode: ``"average"`` or ``"repeat"``: pre-trained first-layer filters spread over another input-channel
+            count (bundle key ``pretrained_channel_mode``), see :mod:`medcl.weights.adapt`.
 
     Raises:
         MedclInputError: at construction when the file does not exist.
@@ -77,6 +79,7 @@ class PretrainedLoader:
         map_location: str | torch.device = "cpu",
         how_to_make: str = DEFAULT_HOW_TO_MAKE,
         sha256: str | None = None,
+        channel_mode: str = "average",
     ) -> None:
         self.checkpoint_path = require_checkpoint(
             os.fspath(checkpoint_path), how_to_make, "pre-trained checkpoint", "--pretrained_ckpt"
@@ -89,13 +92,14 @@ class PretrainedLoader:
         self.map_location = map_location
         self.how_to_make = how_to_make
         self.sha256 = sha256
-        self.report: dict[str, list] | None = None
+        self.channel_mode = channel_mode
+        self.report: dict[str, Any] | None = None
 
     def attach(self, engine: Engine) -> None:
         """Load at ``Events.STARTED`` of ``engine``."""
         engine.add_event_handler(Events.STARTED, self)
 
-    def __call__(self, engine: Engine | None = None) -> dict[str, list]:
+    def __call__(self, engine: Engine | None = None) -> dict[str, Any]:
         """Load now; returns (and stores in ``self.report``) the :func:`load_pretrained` report."""
         self.report = load_pretrained(
             self.network,
@@ -107,13 +111,15 @@ class PretrainedLoader:
             map_location=self.map_location,
             how_to_make=self.how_to_make,
             sha256=self.sha256,
+            channel_mode=self.channel_mode,
         )
         log = engine.logger if engine is not None and getattr(engine, "logger", None) else logger
         log.info(
-            "PretrainedLoader: %d tensors loaded from %s (%d skipped, %d missing, %d mismatched).",
+            "PretrainedLoader: %d tensors loaded from %s (%d adapted, %d skipped, %d missing, %d mismatched).",
             len(self.report["loaded"]),
             self.checkpoint_path,
-            len(self.report["skipped"]),
+            len(self.report["adapted"]),
+            len(self.report["skipped"]) + len(self.report["fresh"]),
             len(self.report["missing"]),
             len(self.report["mismatched"]),
         )

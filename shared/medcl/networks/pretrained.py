@@ -24,6 +24,8 @@ from torch import nn
 
 from medcl.errors import MedclInputError
 from medcl.utils.checkpoints import compare_state_dicts, require_checkpoint, verify_sha256
+from medcl.weights.adapt import adapt_state_dict, load_table
+from medcl.weights.manifest import verify_manifest
 
 __all__ = ["load_pretrained"]
 
@@ -94,7 +96,8 @@ def load_pretrained(
     map_location: str | torch.device = "cpu",
     how_to_make: str = DEFAULT_HOW_TO_MAKE,
     sha256: str | None = None,
-) -> dict[str, list]:
+    channel_mode: str = "average",
+) -> dict[str, Any]:
     """
     Copy the weights of ``network``'s modules under ``prefixes`` from a checkpoint; everything else is untouched.
 
@@ -107,6 +110,11 @@ def load_pretrained(
 
     A network key is *targeted* when it lies under one of ``prefixes`` (all keys when ``prefixes`` is None);
     ``key == p`` or ``key.startswith(p + ".")``. ``network`` wrapped in DDP/DataParallel is unwrapped.
+
+    Another input-channel count (the kernels that read the input) is adapted by ``channel_mode``, another class
+    count leaves the head freshly initialised (:mod:`medcl.weights.adapt`); the file is checked against its
+    ``<file>.manifest.json`` (:func:`medcl.weights.verify_manifest`) when it has one. One table of loaded / adapted
+    / skipped / missing tensors per module is logged (INFO).
 
     Args:
         network: the network to initialise (in place).
@@ -121,19 +129,24 @@ def load_pretrained(
         how_to_make: how to create the checkpoint, used in the "file not found" message.
         sha256: expected sha256 of the file, checked before it is read (e.g. a downloaded pre-trained bundle's
             ``large_files.yml`` entry, :func:`medcl.utils.expected_sha256`); None: no check.
+        channel_mode: ``"average"`` (default) or ``"repeat"``: how pre-trained first-layer filters are spread
+            over another input-channel count (:func:`medcl.weights.adapt_in_channels`).
 
     Returns:
-        ``{"loaded": [keys], "skipped": [checkpoint keys (renamed) not loaded: not in the network or outside
-        prefixes], "missing": [targeted network keys absent from the checkpoint], "mismatched": [(key,
-        checkpoint shape, network shape)]}``.
+        ``{"loaded": [keys, adapted ones included], "adapted": {key: note}, "fresh": {head key: note},
+        "skipped": [checkpoint keys (renamed) not loaded: not in the network or outside prefixes], "missing":
+        [targeted network keys absent from the checkpoint], "mismatched": [(key, checkpoint shape, network
+        shape)] (neither adapted nor the head)}``.
 
     Raises:
-        MedclInputError: for a missing or unreadable file, a sha256 mismatch, a checkpoint without a state dict,
-            or (``strict``) a checkpoint that does not fit the targeted part of ``network``; the message names the
+        MedclInputError: for a missing or unreadable file, a sha256 mismatch (``sha256`` or the manifest's), a
+            checkpoint without a state dict, kernels of another spatial rank (2D weights, 3D network), or
+            (``strict``) a checkpoint that does not fit the targeted part of ``network``; the message names the
             file and lists the first few problems.
     """
     path = require_checkpoint(os.fspath(checkpoint_path), how_to_make, "pre-trained checkpoint", "--pretrained_ckpt")
     verify_sha256(path, sha256)
+    verify_manifest(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, or pickled objects other than tensors/containers
@@ -148,10 +161,21 @@ def load_pretrained(
     unused_prefixes = [p for p in (prefixes or []) if not any(_under(k, [p]) for k in net_sd)]
 
     # checkpoint keys outside the prefixes count as not in the network: skipped
-    fit = compare_state_dicts({_rename(k, name_map): v for k, v in ckpt.items()}, {k: net_sd[k] for k in targeted})
-    to_load, skipped, missing, mismatched = fit["fits"], fit["unexpected"], fit["missing"], fit["mismatched"]
+    renamed = {_rename(k, name_map): v for k, v in ckpt.items()}
+    fit = compare_state_dicts(renamed, {k: net_sd[k] for k in targeted})
+    to_load, skipped, missing = fit["fits"], fit["unexpected"], fit["missing"]
+    adapt = adapt_state_dict(fit["mismatched"], renamed, net_sd, channel_mode, path)
+    to_load.update(adapt["adapted"])
+    mismatched = adapt["mismatched"]
     loaded = list(to_load)
-    report = {"loaded": loaded, "skipped": skipped, "missing": missing, "mismatched": mismatched}
+    report = {
+        "loaded": loaded,
+        "adapted": adapt["adapted_notes"],
+        "fresh": adapt["fresh"],
+        "skipped": skipped,
+        "missing": missing,
+        "mismatched": mismatched,
+    }
 
     problems = []
     if mismatched:
@@ -181,19 +205,17 @@ def load_pretrained(
         result = network.load_state_dict(to_load, strict=False)
         assert not result.unexpected_keys, result.unexpected_keys  # selected from network.state_dict()
     logger.info(
-        "%s: loaded %d tensors into %s (%d skipped, %d missing, %d shape mismatches).",
-        path,
-        len(loaded),
-        type(network).__name__,
-        len(skipped),
-        len(missing),
-        len(mismatched),
+        "%s",
+        load_table(
+            report,
+            f"{path}: loaded {len(loaded)} tensors into {type(network).__name__} ({len(report['adapted'])} adapted, "
+            f"{len(skipped) + len(report['fresh']) + len(mismatched)} skipped, {len(missing)} missing):",
+        ),
     )
     if problems:
         logger.warning("%s: partial load (strict=False): %s.", path, "; ".join(problems))
-    if skipped:
-        logger.log(
-            logging.WARNING if not strict else logging.INFO,
+    if skipped and not strict:  # strict: the table above counts them per module
+        logger.warning(
             "%s: skipped checkpoint keys (not in the network or outside the prefixes): %s",
             path,
             ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""),
