@@ -24,6 +24,7 @@ from medcl.errors import MedclInputError
 from medcl.handlers import SafeCheckpointLoader
 from medcl.networks import load_pretrained
 from medcl.weights import adapt_in_channels, manifest_path, network_spec, read_manifest, write_manifest
+from medcl.weights.__main__ import main as inspect_main
 
 CONFIGS = BUNDLES / "macl" / "configs"
 TINY = [
@@ -161,25 +162,26 @@ def _inspect(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_inspect_prints_the_manifest(tmp_path):
+def test_inspect_prints_the_manifest(tmp_path, capsys):
     path = tmp_path / "model.pt"
     _save_with_manifest(_unet(in_channels=1, out_channels=5), path)
-    proc = _inspect(str(path))
+    proc = _inspect(str(path))  # the command itself, once; the other cases in-process
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "class: monai.networks.nets.basic_unet.BasicUNet" in out
     rows = [line.split() for line in out.splitlines()]
     for row in (["spatial_dims", "2"], ["in_channels", "1"], ["out_channels", "5"], ["role", "pretrained"]):
         assert row in rows, out
-    proc = _inspect(manifest_path(path), "--json")  # the manifest's own path works too
-    assert proc.returncode == 0 and json.loads(proc.stdout) == read_manifest(path)
+    assert inspect_main(["inspect", manifest_path(path), "--json"]) == 0  # the manifest's own path works too
+    assert json.loads(capsys.readouterr().out) == read_manifest(path)
     torch.save(_unet(seed=3).state_dict(), path)
-    proc = _inspect(str(path))
-    assert proc.returncode == 1 and "does not match the manifest" in proc.stderr
+    assert inspect_main(["inspect", str(path)]) == 1
+    assert "does not match the manifest" in capsys.readouterr().err
     Path(manifest_path(path)).unlink()
-    proc = _inspect(str(path))
-    assert proc.returncode == 1 and "no manifest" in proc.stderr and json.loads(proc.stdout)["in_channels"] == 1
-    assert _inspect(str(tmp_path / "missing.pt")).returncode == 2
+    assert inspect_main(["inspect", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "no manifest" in captured.err and json.loads(captured.out)["in_channels"] == 1
+    assert inspect_main(["inspect", str(tmp_path / "missing.pt")]) == 2
 
 
 def test_network_spec_reads_the_bundle_config_with_overrides(phantom_dir):
@@ -248,8 +250,9 @@ def test_checks_accept_c_channels_only_when_in_channels_is_c(phantom_dir, tmp_pa
 @pytest.mark.slow
 def test_one_channel_macl_pretraining_fine_tunes_on_two_channels(phantom_dir, tmp_path):
     """Done-when of #16 item 6: pretrain.json on the 1-channel phantom writes pretrained.pt + manifest; train.json
-    --in_channels 2 --pretrained_ckpt on a 2-channel copy runs to the end with the first convolution adapted; a
-    replaced pretrained.pt is then refused with one message and the earlier fine-tuned weights stay as they were."""
+    --in_channels 2 --pretrained_ckpt on a 2-channel copy runs to the end with the first convolution adapted, and
+    inference.json --in_channels 2 segments a 2-channel image; a replaced pretrained.pt is then refused with one
+    message and the earlier fine-tuned weights stay as they were."""
     pre_root, ft_root = tmp_path / "pre", tmp_path / "ft"
     proc = run_bundle(
         [CONFIGS / "pretrain.json"], "--bundle_root", str(pre_root), "--dataset_dir", str(phantom_dir), *TINY
@@ -297,6 +300,28 @@ def test_one_channel_macl_pretraining_fine_tunes_on_two_channels(phantom_dir, tm
     assert ["in_channels", "2"] in [
         line.split() for line in _inspect(str(ft_root / "models" / "model.pt")).stdout.splitlines()
     ]
+
+    # inference of the 2-channel network on the 2-channel test image: a label map on the image's grid
+    proc = run_bundle(
+        [CONFIGS / "inference.json"],
+        "--bundle_root",
+        str(ft_root),
+        "--dataset_dir",
+        str(data2),
+        "--in_channels",
+        "2",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(tmp_path / "pred"),
+        "--ckpt_path",
+        str(ft_root / "models" / "model_final.pt"),
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    image = nib.load(str(next((data2 / "imagesTs").glob("*.nii.gz"))))
+    pred = nib.load(str(next((tmp_path / "pred").glob("*_seg.nii.gz"))))
+    assert image.shape[3] == 2 and pred.shape == image.shape[:3]
+    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= set(range(5))
 
     # weights replaced after their manifest was written: one message, no traceback, nothing overwritten
     torch.save(_unet(seed=5, out_channels=5).state_dict(), tmp_path / "other.pt")

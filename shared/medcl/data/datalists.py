@@ -15,9 +15,12 @@ __all__ = ["inference_datalist"]
 
 
 def inference_datalist(
-    dataset_dir: str | None = None, input_dir: str | None = None, check: str = "header"
+    dataset_dir: str | None = None, input_dir: str | None = None, check: str = "header", in_channels: int = 1
 ) -> list[dict]:
     """Images to segment: ``*.nii.gz``/``*.nii`` files of ``input_dir`` if given, else the dataset's ``test`` list.
+
+    ``in_channels``: channels per image, 1 (3D volumes) or C > 1 (4D ``(X, Y, Z, C)`` files), as checked by
+    :func:`medcl.data.checks.check_datalist`.
 
     Raises:
         MedclInputError: when ``input_dir`` is not a folder or holds no NIfTI file, when neither source yields an
@@ -48,4 +51,4 @@ def inference_datalist(
             items = []
     if not items:
         raise MedclInputError(f"No images to segment in {origin}: pass --input_dir with .nii.gz files.")
-    return check_datalist(items, keys=("image",), level=check, origin=origin, name="inference")
+    return check_datalist(items, keys=("image",), level=check, origin=origin, name="inference", in_channels=in_channels)
