@@ -342,8 +342,8 @@ def main(
 
     Args:
         run: name of the run folder under ``out`` (default: the preset's name).
-        preset: ``cpu`` (converged 2D budgets, about 1.5 hours on 2 cores) or ``paper`` (the papers' sizes, for a GPU); sets the sizes and
-            the default grid.
+        preset: ``cpu`` (converged 2D budgets, about 1.5 hours on 2 cores) or ``paper`` (the papers' sizes, for a
+            GPU); sets the sizes and the default grid.
         methods: entries of :data:`medcl.benchmark.grid.METHODS` (default: the preset's).
         fractions: label fractions in (0, 1] (default: the preset's).
         num_labelled: numbers of labelled volumes instead of fractions.
