@@ -122,6 +122,26 @@ def test_load_pretrained_adapts_input_channels_and_gives_a_fresh_head(tmp_path, 
     assert "skipped: final_conv.weight: 5 -> 3 outputs (fresh head)" in table[0]
 
 
+def test_unetr_adapts_every_kernel_that_reads_the_input(tmp_path):
+    """MixCL's UNETR: the ViT patch embedding and encoder1's two convolutions (and its residual path) read the image."""
+    from monai.networks.nets import UNETR
+
+    kw = dict(img_size=(16, 16, 16), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4, res_block=True)
+    torch.manual_seed(0)
+    pre = UNETR(in_channels=1, out_channels=1, **kw)
+    torch.save(pre.state_dict(), tmp_path / "pretrained.pt")
+    net = UNETR(in_channels=2, out_channels=3, **kw)
+    report = load_pretrained(net, tmp_path / "pretrained.pt", channel_mode="repeat")
+    assert set(report["adapted"]) == {
+        "vit.patch_embedding.patch_embeddings.weight",
+        "encoder1.layer.conv1.conv.weight",
+        "encoder1.layer.conv3.conv.weight",
+    }
+    assert set(report["fresh"]) == {"out.conv.conv.weight", "out.conv.conv.bias"} and not report["mismatched"]
+    for key in report["adapted"]:
+        torch.testing.assert_close(net.state_dict()[key], _reference(pre.state_dict()[key], 2, "repeat"))
+
+
 def test_2d_weights_into_a_3d_network_are_refused(tmp_path):
     path = tmp_path / "pretrained.pt"
     _save_with_manifest(_unet(spatial_dims=2), path)
