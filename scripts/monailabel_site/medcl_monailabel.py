@@ -1,27 +1,205 @@
-"""MONAI Label 0.8.5's BundleInferTask with two fixes; scripts/start_monailabel.sh makes the app use it.
+"""MONAI Label 0.8.5's bundle tasks, fitted to medcl bundles; scripts/start_monailabel.sh makes the app use them.
+
+``BundleInferTask`` (``/infer``, ``/info/`` models):
 
 1. MONAI 1.6 ``Spacingd``. MONAI Label puts the request's image path in ``data["image_path"]`` (a str) before the
    bundle's pre-transforms. Since MONAI 1.6, ``Spacingd`` updates every ``<key>_*`` entry of the data with the image's
    metadata when the image is NIfTI (``d[meta_key].update(...)``), so ``image_path`` fails with "AttributeError: 'str'
    object has no attribute 'update'" for any NIfTI bundle that resamples. Here ``image_path`` is held back while the
    pre-transforms run and put back afterwards (MONAI Label's writer uses it for the result's file name).
-2. Errors with a message. MONAI Label registers no handler for exceptions raised during inference, so the client of
-   ``/infer`` gets a bare "500 Internal Server Error" whatever went wrong, e.g. for an image id that is not in the
-   datastore (MONAI Label resolves it to the path "" and image loading fails). Here an image that does not exist is
-   answered with 404 and what to do, and any other failure with 500 and the exception's type and message (the
-   traceback goes to the server log), as FastAPI ``HTTPException`` details: ``{"detail": "..."}``.
+2. Errors with a message, as FastAPI ``HTTPException`` details (``{"detail": "..."}``); MONAI Label alone answers
+   every failed inference with a bare "500 Internal Server Error". An image that does not exist: 404. No trained
+   model yet: 404 (the task is set up without weights and serves once a ``/train`` writes ``models/model.pt``;
+   MONAI Label would never serve it until a restart). A requested ``model_filename`` that is not a segmentation
+   checkpoint (``run_state.pt``, ``pretrained.pt``): 400. Weights that do not fit the served config (e.g. a 3D model
+   served with ``spatial_dims`` 2, or another class count): 409 with what the checkpoint is and what the config
+   builds; the weights are loaded strictly (MONAI Label loads with ``strict=False``, which silently keeps random
+   weights for keys that do not match). Any other failure: 500 with the exception's type and message (the traceback
+   goes to the server log).
+3. Labels and dimension. MONAI Label takes the label names from ``metadata.json``'s ``channel_def`` (the phantom's
+   liver/spleen/kidneys/pancreas, whatever the model was trained on) and the dimension from its ``spatial_shape``.
+   Here the names come from the served dataset's ``dataset.json`` (the config's ``dataset_dir``) and the dimension
+   from the config's ``spatial_dims``.
+4. Selectable models: ``model_filename`` lists the segmentation checkpoints of ``models/`` only (not
+   ``run_state.pt``, which holds a training run's state, nor pre-training exports), ``model.pt`` first, refreshed on
+   every request.
+
+``BundleTrainTask`` (``/train``):
+
+1. Served model first. A training starts from the served weights (``models/model.pt``, MONAI Label's
+   ``CheckpointLoader``), and the bundle's ``PretrainedLoader`` handler is dropped then: pre-trained weights only
+   initialise a model that has none (they used to overwrite the fine-tuned encoder on every ``/train``). With
+   neither a served model nor the pre-training checkpoint (``pretrained_ckpt``), MACL/MixCL start from random
+   weights (``init`` "random") with a one-line warning, instead of failing with pre-training instructions.
+2. The requested epochs drive the run: the top-level ``max_epochs`` (learning-rate schedules and localcl's
+   self-training plan read it; MONAI Label only sets ``train#trainer#max_epochs``), and ``val_interval`` is lowered
+   to the epochs when it exceeds them, so every finished ``/train`` validates and rewrites ``model.pt``. With no
+   validation study (too few labelled studies for ``val_split``) the training studies validate, with a warning.
+3. Self-training (bundles with ``num_rounds``/``round_epochs``/``unlabelled``): the rounds are fitted into the
+   requested epochs (:func:`medcl.handlers.self_training.scale_schedule`) and pseudo-label the datastore's studies
+   that have no final label (plus the bundle's ``unlabelled_dir``), never a labelled study (matched by path and by
+   file name); no such study: no round, with a warning.
+4. ``model_filename`` lists and accepts segmentation checkpoints only (as above).
 """
 
+from __future__ import annotations
+
+import copy
+import json
 import logging
 import os
 
 from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.tasks.infer.bundle import BundleInferTask as _BundleInferTask
+from monailabel.tasks.train.bundle import BundleTrainTask as _BundleTrainTask
 
 logger = logging.getLogger(__name__)
 
+MODEL_FILE = "model.pt"
+RUN_STATE_PREFIX = "run_state"
+PRETRAINED_PREFIX = "pretrained"
+PRETRAINED_LOADER = "PretrainedLoader"
+MANIFEST_SUFFIX = ".manifest.json"  # medcl.weights.MANIFEST_SUFFIX
+
+
+def _manifest_role(path: str) -> str | None:
+    try:
+        with open(path + MANIFEST_SUFFIX) as f:
+            return json.load(f).get("role")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_segmentation_checkpoint(path: str) -> bool:
+    """Whether ``path`` (a ``.pt`` file of a bundle's ``models/``) can serve or start a segmentation model: not a
+    run state (``run_state*.pt``) nor a pre-training export (``pretrained*.pt``, or a medcl weights manifest whose
+    role is not "model")."""
+    name = os.path.basename(path)
+    if not name.endswith(".pt") or name.startswith((RUN_STATE_PREFIX, PRETRAINED_PREFIX)):
+        return False
+    return _manifest_role(path) in (None, "model")
+
+
+def selectable_models(models_dir: str) -> list[str]:
+    """The segmentation checkpoints of ``models_dir``, ``model.pt`` first, then by name."""
+    try:
+        names = [n for n in os.listdir(models_dir) if is_segmentation_checkpoint(os.path.join(models_dir, n))]
+    except OSError:
+        names = []
+    return sorted(names, key=lambda n: (n != MODEL_FILE, len(n), n))
+
+
+def _requested_file(request: dict, default: str = MODEL_FILE) -> str:
+    name = request.get("model_filename") or default
+    return name if isinstance(name, str) else (name[0] if name else default)
+
+
+def dataset_labels(dataset_dir: str | None) -> dict[str, int] | None:
+    """``{name: value}`` of the foreground labels in ``<dataset_dir>/dataset.json`` (MSD ``{"1": "liver"}`` or
+    ``{"liver": 1}``), lower-cased as MONAI Label shows them; None when there is no such file or list."""
+    try:
+        with open(os.path.join(str(dataset_dir), "dataset.json")) as f:
+            labels = json.load(f).get("labels")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if not isinstance(labels, dict):
+        return None
+    out = {}
+    for k, v in labels.items():
+        try:
+            value, name = (int(k), str(v)) if str(k).lstrip("-").isdigit() else (int(v), str(k))
+        except (TypeError, ValueError):
+            return None
+        if value != 0:
+            out[name.lower()] = value
+    return dict(sorted(out.items(), key=lambda kv: kv[1])) or None
+
+
+def _parsed(config, key: str, default=None):
+    """``key`` of a bundle ConfigParser, parsed without instantiating anything; ``default`` when absent or when it
+    cannot be parsed here."""
+    try:
+        if config.get(key) is None:
+            return default
+        return config.get_parsed_content(key, instantiate=False)
+    except Exception:  # an expression that needs the training run (data, network) to evaluate
+        return default
+
 
 class BundleInferTask(_BundleInferTask):
+    def __init__(self, path, conf, *args, **kwargs):
+        kwargs.setdefault("load_strict", True)
+        super().__init__(path, conf, *args, **kwargs)
+        self.model_name = os.path.basename(os.path.normpath(path))
+        self.models_dir = os.path.join(path, "models")
+        if getattr(self, "bundle_config", None) is None:
+            return  # no inference config: MONAI Label ignores the bundle
+        if not self.valid:
+            self._set_up_without_weights(path, conf, kwargs)
+        dims = _parsed(self.bundle_config, "spatial_dims")
+        if isinstance(dims, int):
+            self.dimension = dims
+        labels = dataset_labels(_parsed(self.bundle_config, "dataset_dir"))
+        if labels:
+            self.labels = labels
+        self._config["model_filename"] = selectable_models(self.models_dir)
+
+    def _set_up_without_weights(self, path, conf, kwargs) -> None:
+        """MONAI Label sets up no inference for a bundle without ``models/model.pt``, so a model trained in MONAI
+        Label would only serve after a restart; here the task is set up with the network and waits for the file."""
+        with open(os.path.join(path, "configs", self.const.metadata_json())) as fp:
+            metadata = json.load(fp)
+        self.key_image = next(iter(metadata["network_data_format"]["inputs"]))
+        self.key_pred = next(iter(metadata["network_data_format"]["outputs"]))
+        task_type = self._get_type(os.path.basename(path), kwargs.get("type", ""))
+        self.add_post_restore = task_type != InferType.DETECTION and kwargs.get("add_post_restore", True)
+        network = self.bundle_config.get_parsed_content(self.const.key_network_def(), instantiate=True)
+        BasicInferTask.__init__(
+            self,
+            path=os.path.join(path, "models", self.const.model_pytorch()),
+            network=network,
+            type=task_type,
+            labels={},
+            dimension=3,
+            description=metadata.get("description"),
+            preload=False,
+            load_strict=kwargs.get("load_strict", True),
+        )
+        self.version = metadata.get("version")
+        self.valid = True
+        logger.info(f"{self.model_name}: no {self.models_dir}/model.pt yet; serves once a /train writes it")
+
+    def is_valid(self) -> bool:
+        """Listed in ``/info/`` models once the served weights exist."""
+        return bool(self.valid) and os.path.isfile(os.path.join(self.models_dir, MODEL_FILE))
+
+    def config(self):
+        self._config["model_filename"] = selectable_models(self.models_dir)
+        return self._config
+
+    def _check_model_file(self, request: dict) -> None:
+        name = _requested_file(request)
+        path = os.path.join(self.models_dir, name)
+        if not is_segmentation_checkpoint(path):
+            raise HTTPException(
+                status_code=400,
+                detail=(
+                    f"model_filename {name} is not a segmentation checkpoint of {self.model_name} (run states and "
+                    f"pre-training exports cannot serve); choose one of {selectable_models(self.models_dir) or '[]'}."
+                ),
+            )
+        if not os.path.isfile(path):
+            raise HTTPException(
+                status_code=404,
+                detail=(
+                    f"{self.model_name} has no trained model yet ({name} not in {self.models_dir}): "
+                    f"POST /train/{self.model_name} trains one, or restart scripts/start_monailabel.sh with "
+                    "--model FILE."
+                ),
+            )
+
     def __call__(self, request, callbacks=None):
         image = request.get("image")
         if isinstance(image, str) and not os.path.exists(image):
@@ -32,6 +210,8 @@ class BundleInferTask(_BundleInferTask):
                     "GET /datastore/?output=all lists the image ids; PUT /datastore/image?image=<id> (a file) adds one."
                 ),
             )
+        self._config["model_filename"] = selectable_models(self.models_dir)
+        self._check_model_file(request)
         try:
             return super().__call__(request, callbacks)
         except HTTPException:
@@ -43,9 +223,169 @@ class BundleInferTask(_BundleInferTask):
                 detail=f"inference failed on {image}: {type(e).__name__}: {e} (the server log has the traceback)",
             ) from e
 
+    def _get_network(self, device, data):
+        if data is not None:
+            self._check_model_file(data)
+        try:
+            return super()._get_network(device, data)
+        except HTTPException:
+            raise
+        except Exception as e:
+            path = os.path.join(self.models_dir, _requested_file(data or {}))
+            raise HTTPException(status_code=409, detail=self._mismatch(path, e)) from e
+
+    def _mismatch(self, path: str, error: Exception) -> str:
+        """One line: what the checkpoint is, what the served config builds, and what to do."""
+        import torch
+
+        from medcl.weights import state_dict_facts
+
+        want = {
+            "spatial_dims": _parsed(self.bundle_config, "spatial_dims"),
+            "in_channels": _parsed(self.bundle_config, "in_channels", 1),
+            "out_channels": _parsed(self.bundle_config, "num_classes"),
+        }
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+            have = state_dict_facts(state)
+        except Exception:
+            have = {}
+        names = {"spatial_dims": "spatial_dims", "in_channels": "in_channels", "out_channels": "num_classes"}
+        differ = [k for k in want if have.get(k) is not None and want[k] is not None and have[k] != want[k]]
+        if differ:
+            what = "; ".join(f"the checkpoint has {names[k]} {have[k]}, the config {want[k]}" for k in differ)
+            fix = " --set " + " --set ".join(f"{self.model_name}:{names[k]}={have[k]}" for k in differ)
+        else:
+            what = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            fix = " the --set values of the run that trained it"
+        return (
+            f"{os.path.basename(path)} does not fit {self.model_name}'s served config: {what}. Restart "
+            f"scripts/start_monailabel.sh with{fix}, or serve weights trained with this config."
+        )
+
     def run_pre_transforms(self, data, transforms):
         image_path = data.pop("image_path", None)
         data = super().run_pre_transforms(data, transforms)
         if image_path is not None:
             data["image_path"] = image_path
         return data
+
+
+class BundleTrainTask(_BundleTrainTask):
+    def config(self):
+        options = super().config()
+        options["model_filename"] = selectable_models(os.path.join(self.bundle_path, "models"))
+        return options
+
+    def __call__(self, request, datastore):
+        name = _requested_file(request)
+        path = os.path.join(self.bundle_path, "models", name)
+        if not is_segmentation_checkpoint(path):
+            raise ValueError(
+                f"model_filename {name} is not a segmentation checkpoint (run states and pre-training exports "
+                f"cannot start a training); choose one of {selectable_models(os.path.dirname(path)) or '[]'}."
+            )
+        self._served = path if request.get("pretrained", True) and os.path.isfile(path) else None
+        self._datastore = datastore
+        return super().__call__(request, datastore)
+
+    def _say(self, message: str, warning: bool = False) -> None:
+        # the training subprocess logs to its stdout: the server log and the task's details (GET /train/)
+        (logger.warning if warning else logger.info)(message)
+
+    def _update_overrides(self, overrides):
+        cfg = self.bundle_config
+        name = os.path.basename(os.path.normpath(self.bundle_path))
+        epochs = int(overrides[self.const.key_train_trainer_max_epochs()])
+        bundle_epochs = _parsed(cfg, "max_epochs")
+        if cfg.get("max_epochs") is not None:
+            overrides["max_epochs"] = epochs
+
+        # every finished /train validates at least once (the validation rewrites model.pt)
+        val_interval = _parsed(cfg, "val_interval")
+        if isinstance(val_interval, int) and val_interval > epochs:
+            overrides["val_interval"] = epochs
+            self._say(f"{name}: val_interval {val_interval} > {epochs} epochs: validating every {epochs} epochs")
+        train_data = overrides.get(self.const.key_train_dataset_data()) or []
+        key_val = self.const.key_validate_dataset_data()
+        if key_val in overrides and not overrides[key_val]:
+            overrides[key_val] = copy.deepcopy(train_data)
+            self._say(
+                f"{name}: no validation study ({len(train_data)} labelled, val_split too small): validating on the "
+                "training studies, so model.pt is rewritten",
+                warning=True,
+            )
+
+        # served weights first; pre-trained weights only initialise a model that has none
+        handlers = overrides.get(self.const.key_train_handlers())
+        if cfg.get("init") is not None and isinstance(handlers, list):
+            init = _parsed(cfg, "init")
+            ckpt = _parsed(cfg, "pretrained_ckpt")
+            has_pretrained = isinstance(ckpt, str) and os.path.isfile(ckpt)
+            if self._served:
+                overrides[self.const.key_train_handlers()] = [
+                    h for h in handlers if not str(h.get("_target_", "")).endswith(PRETRAINED_LOADER)
+                ]
+                if init != "random" and not has_pretrained:
+                    overrides["init"] = "random"
+                self._say(
+                    f"{name}: training from the served model {os.path.basename(self._served)}; pre-trained weights "
+                    "are not applied (they only initialise a model that has none)"
+                )
+            elif init != "random" and not has_pretrained:
+                overrides["init"] = "random"
+                self._say(
+                    f"{name}: no served model and no pre-training checkpoint ({ckpt}): training from random init",
+                    warning=True,
+                )
+            elif init != "random":
+                self._say(f"{name}: no served model: initialising from the pre-training checkpoint {ckpt}")
+
+        # self-training: the rounds fit the requested epochs and pseudo-label unlabelled studies only
+        if all(cfg.get(k) is not None for k in ("num_rounds", "round_epochs", "unlabelled")):
+            self._plan_self_training(name, overrides, epochs, bundle_epochs, train_data)
+        return overrides
+
+    def _plan_self_training(self, name, overrides, epochs, bundle_epochs, train_data) -> None:
+        from medcl.handlers.self_training import scale_schedule
+
+        cfg = self.bundle_config
+        labelled = list(train_data) + list(overrides.get(self.const.key_validate_dataset_data()) or [])
+        paths = {os.path.realpath(d["image"]) for d in labelled}
+        stems = {_stem(d["image"]) for d in labelled}
+        pool = []
+        datastore = getattr(self, "_datastore", None)
+        if datastore is not None:
+            pool = [{"image": datastore.get_image_uri(i)} for i in sorted(datastore.get_unlabeled_images())]
+        extra_dir = _parsed(cfg, "unlabelled_dir")
+        if extra_dir:
+            from medcl.data import inference_datalist
+
+            pool += [{"image": d["image"]} for d in inference_datalist(input_dir=extra_dir, check="off")]
+        kept = [d for d in pool if os.path.realpath(d["image"]) not in paths and _stem(d["image"]) not in stems]
+        if len(kept) < len(pool):
+            self._say(f"{name}: {len(pool) - len(kept)} labelled studies left out of the pseudo-label pool")
+        overrides["unlabelled"] = kept
+        num_rounds, round_epochs = int(_parsed(cfg, "num_rounds", 0)), int(_parsed(cfg, "round_epochs", 1))
+        total = bundle_epochs if isinstance(bundle_epochs, int) else epochs
+        baseline, rounds, per = scale_schedule(epochs, num_rounds, round_epochs, total)
+        if not kept and rounds:
+            baseline, rounds = epochs, 0
+            self._say(f"{name}: no unlabelled study in the datastore: no self-training round", warning=True)
+        elif num_rounds and not rounds:
+            self._say(f"{name}: {epochs} epoch(s) leave no room for a self-training round (needs >= 2)", warning=True)
+        overrides["num_rounds"], overrides["round_epochs"] = rounds, per
+        self._say(
+            f"{name}: self-training plan for {epochs} epochs: {baseline} baseline + {rounds} round(s) x {per} "
+            f"(bundle: {total - num_rounds * round_epochs} + {num_rounds} x {round_epochs}); pool of {len(kept)} "
+            f"unlabelled studies: {', '.join(os.path.basename(d['image']) for d in kept) or 'none'}"
+        )
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(str(path))
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return os.path.splitext(name)[0]

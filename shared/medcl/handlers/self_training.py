@@ -59,7 +59,7 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["SelfTrainingHandler", "round_of_epoch", "total_epochs"]
+__all__ = ["SelfTrainingHandler", "round_of_epoch", "scale_schedule", "total_epochs"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,30 @@ def total_epochs(baseline_epochs: int, num_rounds: int, round_epochs: int) -> in
             "follows), or raise --max_epochs, or lower --num_rounds / --round_epochs."
         )
     return baseline_epochs + num_rounds * round_epochs
+
+
+def scale_schedule(epochs: int, num_rounds: int, round_epochs: int, bundle_epochs: int) -> tuple[int, int, int]:
+    """The self-training schedule of a bundle (``bundle_epochs`` in all, ``num_rounds`` rounds of ``round_epochs``)
+    fitted into ``epochs``, e.g. a MONAI Label ``/train`` request's ``max_epochs``.
+
+    The rounds keep their share of the epochs (45 of 145 at the localcl_selftrain defaults), each round at least
+    one epoch, the baseline at least one epoch; as many of the ``num_rounds`` rounds run as fit. ``epochs`` below 2
+    leaves no room for a round.
+
+    Returns:
+        ``(baseline_epochs, num_rounds, round_epochs)`` with ``baseline_epochs + num_rounds * round_epochs ==
+        epochs``, e.g. ``(1, 1, 1)`` for 2 epochs, ``(7, 3, 1)`` for 10 and ``(100, 3, 15)`` for 145.
+    """
+    epochs = int(epochs)
+    if epochs < 1:
+        raise MedclInputError(f"the self-training schedule needs at least 1 epoch, got {epochs}.")
+    if num_rounds <= 0 or round_epochs <= 0 or epochs < 2:
+        return epochs, 0, max(int(round_epochs), 1)
+    share = num_rounds * round_epochs / max(bundle_epochs, num_rounds * round_epochs + 1)
+    budget = min(epochs - 1, max(1, round(epochs * share)))
+    rounds = min(int(num_rounds), budget)
+    per = max(1, min(int(round_epochs), budget // rounds))
+    return epochs - rounds * per, rounds, per
 
 
 def round_of_epoch(epoch: int, baseline_epochs: int, round_epochs: int) -> int:
