@@ -9,7 +9,8 @@ studies labelled, two to annotate; the dataset's label names differ from the bun
 - every /train changes what /infer serves: macl from the pre-training checkpoint, then from its served model (the
   pre-trained weights are not re-applied), mixcl from random init (no served model, no pre-training checkpoint) with
   a warning and its val_interval 10 lowered to the requested epoch, localcl_selftrain with a self-training round that
-  pseudo-labels the one unlabelled study and not the one just labelled, scratch_baseline from its served model;
+  pseudo-labels the one unlabelled study and not the one just labelled, scratch_baseline from its served model
+  with no validation study (val_split 0);
 - run_state.pt is never offered as a model; a restart keeps the weights trained in MONAI Label.
 
 The helper's own tests (no server): the self-training schedule fitted into the requested epochs, and the
@@ -211,9 +212,9 @@ class Server:
         _check_label_volume(data, self.studies / f"{image}.nii.gz", out or self.tmp / f"pred_{bundle}.nii.gz")
         return data
 
-    def train(self, bundle: str, epochs: int, **params) -> str:
-        """POST /train/<bundle>, wait for the task to end; assert DONE and return the server log of the run (the
-        task's details keep only its last lines)."""
+    def train(self, bundle: str, epochs: int, expect: str = "DONE", **params) -> str:
+        """POST /train/<bundle>, wait for the task to end; assert its status (``expect``) and return the server log
+        of the run (the task's details keep only its last lines)."""
         self.log.flush()
         start = self.log_path.stat().st_size
         body = {"max_epochs": epochs, "device": "cpu", "multi_gpu": False, "val_split": 0.25, **params}
@@ -232,7 +233,7 @@ class Server:
             assert time.time() < deadline, f"training still running after 240 s:\n{self.tail()}"
             time.sleep(1)
         details = "\n".join(task.get("details", []))
-        assert task["status"] == "DONE", f"{bundle}: {task['status']}:\n{details[-6000:]}\n{self.tail()}"
+        assert task["status"] == expect, f"{bundle}: {task['status']}:\n{details[-6000:]}\n{self.tail()}"
         self.log.flush()
         with open(self.log_path) as f:
             f.seek(start)
@@ -349,6 +350,8 @@ def test_macl_trains_from_pretraining_then_from_its_served_model(server, tmp_pat
     info = server.info()
     assert info["models"]["macl"]["config"]["model_filename"] == ["model.pt", "model_final.pt"]
     assert info["trainers"]["macl"]["config"]["model_filename"] == ["model.pt", "model_final.pt"]
+    details = server.train("macl", 1, expect="ERROR", model_filename="run_state.pt")
+    assert "model_filename run_state.pt is not a segmentation checkpoint" in details, details[-4000:]
 
 
 @pytest.mark.slow
@@ -396,8 +399,10 @@ def test_scratch_baseline_train_changes_the_served_model(server, tmp_path):
     models = server.models("scratch_baseline")
     before = _state(models / "model.pt")
     server.infer("scratch_baseline", out=tmp_path / "before.nii.gz")
-    details = server.train("scratch_baseline", 1)
+    # val_split 0: no validation study; the training studies validate, so model.pt is still rewritten
+    details = server.train("scratch_baseline", 1, val_split=0.0)
     assert "val_interval 2 > 1 epochs: validating every 1 epochs" in details, details[-4000:]
+    assert re.search(r"no validation study \(\d labelled, val_split too small\): validating on the training", details)
     after = _state(models / "model.pt")
     assert any(not (before[k] == after[k]).all() for k in before), "the served model did not change"
     server.infer("scratch_baseline", out=tmp_path / "after.nii.gz")
