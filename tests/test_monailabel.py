@@ -442,6 +442,7 @@ def test_self_training_schedule_fits_the_requested_epochs():
         scale_schedule(0, 3, 15, 145)
 
 
+@pytest.mark.slow
 @needs_monailabel
 def test_start_script_keeps_weights_and_sets_per_bundle_keys(tmp_path):
     script, app = REPO / "scripts" / "start_monailabel.sh", tmp_path / "app"
