@@ -218,7 +218,10 @@ def test_bundle_follows_dataset_json_classes_and_modality(phantom_dir, tmp_path)
     parser.update({"dataset_dir": str(ds), "bundle_root": str(tmp_path)})
     net = parser.get_parsed_content("network_def")
     assert parser.get_parsed_content("num_classes") == 2
-    scaler = parser.get_parsed_content("preprocessing_transforms")[4]
+    from medcl.data import ScaleIntensityByModalityd
+
+    transforms = parser.get_parsed_content("preprocessing_transforms")
+    scaler = next(t for t in transforms if isinstance(t, ScaleIntensityByModalityd))
     ramp = torch.arange(1001, dtype=torch.float32).reshape(1, 1001)
     scaled = scaler({"image": ramp})["image"]
     assert abs(float(scaled[0, 500]) - 0.5) < 0.01  # percentile scaling (a CT window would clip 500 HU to 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from types import TracebackType
@@ -60,5 +61,29 @@ def install_excepthook() -> None:
     A run that stops on bad input or a diverged loss then prints one message naming the file, key or iteration and
     the fix (set ``MEDCL_TRACEBACK=1`` to see the traceback); any other error keeps Python's usual traceback. Called by
     :func:`medcl.bundle.check_cli_overrides`, i.e. by every bundle config's ``initialize``.
+
+    Log records that quote a :class:`MedclError` raised in a data-loader worker (Ignite logs "... terminating due to
+    exception: Caught MedclInputError in DataLoader worker process 0. Original Traceback ...") keep only its message
+    too, unless ``MEDCL_TRACEBACK`` is set.
     """
     sys.excepthook = _excepthook
+    if not os.environ.get(TRACEBACK_ENV) and not getattr(logging.getLogRecordFactory(), "_medcl", False):
+        logging.setLogRecordFactory(_worker_message_records(logging.getLogRecordFactory()))
+
+
+def _worker_message_records(factory):
+    """A log-record factory that shortens a quoted loader-worker :class:`MedclError` to its message."""
+
+    def make(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        if isinstance(record.msg, str) and (
+            "Caught Medcl" in record.msg or any("Caught Medcl" in str(a) for a in record.args or ())
+        ):
+            text = record.getMessage()
+            head, sep, _ = text.partition("Caught Medcl")
+            if sep and "\nOriginal Traceback (most recent call last):" in text:
+                record.msg, record.args = head + worker_message(text[len(head) :]), ()
+        return record
+
+    make._medcl = True
+    return make

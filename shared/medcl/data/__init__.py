@@ -1,6 +1,6 @@
 """Data: phantom generator, MSD datalists and splits, input checks, transforms."""
 
-from medcl.data.checks import check_datalist
+from medcl.data.checks import CheckFilesd, check_datalist
 from medcl.data.datalists import inference_datalist
 from medcl.data.dataset_info import DatasetInfo, dataset_num_classes, read_dataset_info
 from medcl.data.intensity import ScaleIntensityByModalityd
@@ -21,6 +21,7 @@ from medcl.data.splits import (
 __all__ = [
     "as_patch_size",
     "check_datalist",
+    "CheckFilesd",
     "DatasetInfo",
     "dataset_num_classes",
     "eval_datalist",

@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
+from monai.transforms import MapTransform
 
 from medcl.errors import MedclInputError
 
-__all__ = ["check_datalist", "CHECK_LEVELS"]
+__all__ = ["check_datalist", "CheckFilesd", "CHECK_LEVELS", "DEFERRED_SAMPLE"]
 
 CHECK_LEVELS = ("off", "header", "full")
 
@@ -314,6 +315,21 @@ def _check_item(
     return found
 
 
+#: Files this process has checked (absolute paths): :class:`CheckFilesd` skips them. Loader workers forked later
+#: inherit it; spawned ones start empty and check again (harmless).
+_CHECKED: set[str] = set()
+
+#: Items of a deferred list checked before training (the first ones): a systematic problem (wrong channel count,
+#: wrong labels) still fails at once.
+DEFERRED_SAMPLE = 8
+
+
+def _check_and_record(item: dict, keys: Sequence[str], level: str, origin: str, allowed, in_channels: int) -> set:
+    found = _check_item(item, keys, level, origin, allowed, in_channels)
+    _CHECKED.update(os.path.abspath(item[k]) for k in keys if k in item)
+    return found
+
+
 def check_datalist(
     datalist: Sequence[dict],
     keys: Sequence[str] = ("image", "label"),
@@ -323,8 +339,15 @@ def check_datalist(
     num_threads: int = 4,
     name: str = "datalist",
     in_channels: int = 1,
+    defer_above: int | None = None,
 ) -> list[dict]:
     """Check every file of a datalist and return the datalist unchanged.
+
+    A list longer than ``defer_above`` (a pool of thousands of volumes, whose headers alone take seconds to read)
+    is checked in part before training: every file must exist, and the first :data:`DEFERRED_SAMPLE` items get the
+    full check; the others are checked by :class:`CheckFilesd` in the data pipeline when the pool first loads them
+    (once per item with MONAI's Persistent/CacheDataset), with the same messages. Such a run stops at the first bad
+    file it meets, after its checkpoints are saved (fix the file, then ``--resume true``).
 
     Args:
         datalist: items like ``{"image": path, "label": path}``.
@@ -343,6 +366,8 @@ def check_datalist(
             is left out of the mean Dice and never sampled by the contrastive losses).
         num_threads: threads used to read files.
         name: what the list is (``"training"``, ``"validation"``), quoted in errors.
+        in_channels: channels per image (see :func:`_check_geometry`).
+        defer_above: check lists longer than this in part now and the rest at load time (see above); None: all now.
         in_channels: channels per image (not label): 1, a 3D volume; C > 1, a 4D ``(X, Y, Z, C)`` file each.
 
     Raises:
@@ -357,9 +382,29 @@ def check_datalist(
     if level == "off":
         return list(datalist)
     allowed = None if label_values is None else {int(v) for v in label_values}
+    now = datalist
+    if defer_above is not None and len(datalist) > defer_above:
+        for item in datalist:
+            for k in keys:
+                if k in item and not os.path.isfile(item[k]):
+                    raise MedclInputError(
+                        f"{item[k]}: file not found (listed in {origin}). Fix the path there or restore the file."
+                    )
+        now = datalist[:DEFERRED_SAMPLE]
+        logger.info(
+            "%s list: %d cases, more than %d: the files of the first %d checked now, every other one when the "
+            "pool first loads it (check level %r).",
+            name,
+            len(datalist),
+            defer_above,
+            len(now),
+            level,
+        )
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         # list() re-raises the first error in datalist order
-        found = list(pool.map(lambda it: _check_item(it, keys, level, origin, allowed, in_channels), datalist))
+        found = list(pool.map(lambda it: _check_and_record(it, keys, level, origin, allowed, in_channels), now))
+    if now is not datalist:
+        return list(datalist)  # which classes occur is known only once every label map is read
     if allowed is not None and "label" in keys and any("label" in it for it in datalist):
         absent = sorted(allowed - set().union(*found))
         if absent:
@@ -374,3 +419,41 @@ def check_datalist(
                 name,
             )
     return list(datalist)
+
+
+class CheckFilesd(MapTransform):
+    """The input check of :func:`check_datalist` as the first transform of a pipeline, for the items a deferred
+    check left for load time; files this process already checked pass untouched.
+
+    Args:
+        keys: keys holding file paths (missing keys are skipped).
+        level: check level, as :func:`check_datalist` (``"off"``: nothing).
+        origin: where the items came from (the dataset.json path), quoted in errors.
+        label_values: allowed label values (``dataset.json`` 'labels').
+        in_channels: channels per image.
+
+    Raises:
+        MedclInputError: the item's first problem, naming the file, what is wrong and the fix.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str] = ("image", "label"),
+        level: str = "header",
+        origin: str = "the datalist",
+        label_values: Sequence[int] | Mapping[int, str] | None = None,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        if level not in CHECK_LEVELS:
+            raise MedclInputError(f"check level must be one of {CHECK_LEVELS}, got {level!r}.")
+        self.level, self.origin, self.in_channels = level, origin, in_channels
+        self.allowed = None if label_values is None else {int(v) for v in label_values}
+
+    def __call__(self, data: Mapping) -> Mapping:
+        if self.level == "off":
+            return data
+        keys = [k for k in self.keys if k in data and isinstance(data[k], str)]
+        if keys and not all(os.path.abspath(data[k]) in _CHECKED for k in keys):
+            _check_and_record(dict(data), keys, self.level, self.origin, self.allowed, self.in_channels)
+        return data

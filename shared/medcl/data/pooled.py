@@ -43,6 +43,7 @@ def pooled_datalist(
     check: str = "header",
     test_fraction: float = 0.0,
     test_seed: int = 0,
+    defer_checks_above: int | None = None,
 ) -> list[dict]:
     """
     Every labelled training case of each dataset, as ``{"image", "label", "dataset_id", "modality"}``.
@@ -62,6 +63,8 @@ def pooled_datalist(
         test_fraction: fine-tuning's test fraction (only used for ``holdout_dir``).
         test_seed: fine-tuning's test seed (only used for ``holdout_dir``).
         check: input check level (see :func:`medcl.data.checks.check_datalist`).
+        defer_checks_above: a dataset with more training cases is checked in part now and the rest at load time
+            (see :func:`medcl.data.load_splits`).
 
     Raises:
         MedclInputError: for an empty or duplicated list, a dataset without labelled cases, or bad files.
@@ -80,9 +83,17 @@ def pooled_datalist(
                 check=check,
                 test_fraction=test_fraction,
                 test_seed=test_seed,
+                defer_checks_above=defer_checks_above,
             )["labelled"]
         else:
-            cases = load_splits(ddir, val_fraction=0.0, label_fraction=1.0, seed=seed, check=check)["labelled"]
+            cases = load_splits(
+                ddir,
+                val_fraction=0.0,
+                label_fraction=1.0,
+                seed=seed,
+                check=check,
+                defer_checks_above=defer_checks_above,
+            )["labelled"]
         if not cases:
             raise MedclInputError(f"{info.dataset_json} lists no labelled training case to pool.")
         for case in cases:

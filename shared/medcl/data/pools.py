@@ -44,7 +44,7 @@ from monai.data import CacheDataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 
 import medcl
-from medcl.errors import MedclInputError
+from medcl.errors import MedclInputError, find_medcl_error
 
 __all__ = ["POOL_MODES", "PoolPersistentDataset", "make_pool_dataset", "pool_transform_hash"]
 
@@ -125,6 +125,9 @@ class PoolPersistentDataset(PersistentDataset):
                 ) from e
             raise
         except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            cause = find_medcl_error(e)
+            if cause is not None:  # a transform's own message (e.g. CheckFilesd on a bad file), not the cache's
+                raise cause from None
             raise MedclInputError(
                 f"{folder}: a cached item cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it was "
                 "written by another preprocessing or another MONAI/torch. Delete the folder (it is rebuilt on the "

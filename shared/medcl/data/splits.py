@@ -209,6 +209,7 @@ def load_splits(
     test_fraction: float = 0.0,
     test_seed: int = 0,
     in_channels: int = 1,
+    defer_checks_above: int | None = None,
 ) -> dict[str, list[dict]]:
     """Load ``<dataset_dir>/dataset.json``, check its files and split it (see :func:`split_datalist`).
 
@@ -227,6 +228,9 @@ def load_splits(
         test_seed: seed of that draw, independent of ``seed``.
         in_channels: channels per image: 1 (a 3D volume each) or C > 1 (a 4D ``(X, Y, Z, C)`` file each, MSD
             layout); see :func:`medcl.data.checks.check_datalist`.
+        defer_checks_above: a ``training`` (or image-only ``test``) list longer than this is checked in part now,
+            the rest when the pipeline's :class:`medcl.data.CheckFilesd` loads it (``check_datalist``'s
+            ``defer_above``; the bundles pass ``pool_memory_max``). None: every file now.
 
     Returns:
         ``{"test", "val", "labelled", "unlabelled"}`` datalists with absolute paths.
@@ -243,7 +247,13 @@ def load_splits(
     except (KeyError, ValueError) as e:
         raise MedclInputError(f"{path} has no usable 'training' list ({e}); list image/label pairs there.") from e
     check_datalist(
-        training, level=check, origin=path, label_values=info.labels, name="'training'", in_channels=in_channels
+        training,
+        level=check,
+        origin=path,
+        label_values=info.labels,
+        name="'training'",
+        in_channels=in_channels,
+        defer_above=defer_checks_above,
     )
     test_labelled, test_images = read_test_entries(dataset_dir)
     if test_labelled:
@@ -263,7 +273,15 @@ def load_splits(
         origin=path,
     )
     if include_test and test_images:
-        check_datalist(test_images, keys=("image",), level=check, origin=path, name="'test'", in_channels=in_channels)
+        check_datalist(
+            test_images,
+            keys=("image",),
+            level=check,
+            origin=path,
+            name="'test'",
+            in_channels=in_channels,
+            defer_above=defer_checks_above,
+        )
         splits["unlabelled"] += test_images
     return splits
 
