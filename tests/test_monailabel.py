@@ -94,13 +94,14 @@ def _multipart(field: str, path: Path) -> tuple[bytes, dict]:
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
-def _studies(tmp: Path) -> tuple[Path, Path]:
-    """A 5-case 32³ phantom in MSD layout, its dataset.json label names replaced by :data:`LABELS`, and MONAI Label's
-    studies folder made from it: all five images at the top level, the labels of the first three in labels/final/."""
+def _studies(tmp: Path, n: int = 5, labelled: int = 3) -> tuple[Path, Path]:
+    """An ``n``-case 32³ phantom in MSD layout, its dataset.json label names replaced by :data:`LABELS`, and MONAI
+    Label's studies folder made from it: all images at the top level, the labels of the first ``labelled`` in
+    labels/final/."""
     from medcl.data.phantom import generate_dataset
 
     dataset = tmp / "phantom"
-    generate_dataset(str(dataset), n=5, n_test=0, seed=0, shape=(32, 32, 32))
+    generate_dataset(str(dataset), n=n, n_test=0, seed=0, shape=(32, 32, 32))
     meta = json.loads((dataset / "dataset.json").read_text())
     meta["labels"] = {"0": "background", **{str(i + 1): name for i, name in enumerate(LABELS)}}
     (dataset / "dataset.json").write_text(json.dumps(meta, indent=2))
@@ -108,7 +109,7 @@ def _studies(tmp: Path) -> tuple[Path, Path]:
     (studies / "labels" / "final").mkdir(parents=True)
     for i, image in enumerate(sorted((dataset / "imagesTr").glob("*.nii.gz"))):
         shutil.copy(image, studies / image.name)
-        if i < 3:
+        if i < labelled:
             shutil.copy(dataset / "labelsTr" / image.name, studies / "labels" / "final" / image.name)
     return dataset, studies
 
@@ -132,16 +133,18 @@ def _state(path: Path) -> dict:
 
 
 class Server:
-    """scripts/start_monailabel.sh serving all four bundles, with the HTTP calls the tests make."""
+    """scripts/start_monailabel.sh serving ``bundles`` (all four by default) on an ``n``-study datastore with
+    ``labelled`` final labels, with the HTTP calls the tests make."""
 
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.dataset, self.studies = _studies(tmp)
+    def __init__(self, tmp: Path, bundles: list[str] = ALL, n: int = 5, labelled: int = 3, sets: tuple = ()):
+        self.tmp, self.bundles, self.sets = tmp, list(bundles), list(sets)
+        self.dataset, self.studies = _studies(tmp, n, labelled)
         self.app, self.port = tmp / "app", _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "server.log"
         self.proc = None
         self.log = None
+        self.task: dict = {}  # the last /train task (GET /train/)
 
     def models(self, bundle: str) -> Path:
         return self.app / "model" / bundle / "models"
@@ -158,12 +161,14 @@ class Server:
             "mixcl:mlp_dim=64",
             "mixcl:feature_size=8",
             "localcl_selftrain:use_crf=false",
+            *self.sets,
         ]
         cmd = ["bash", str(REPO / "scripts" / "start_monailabel.sh"), "--app", str(self.app)]
-        cmd += ["--studies", str(self.studies), "--dataset", str(self.dataset), "--bundle", ",".join(ALL)]
+        cmd += ["--studies", str(self.studies), "--dataset", str(self.dataset), "--bundle", ",".join(self.bundles)]
         cmd += ["--port", str(self.port), *extra]
         for s in sets:
-            cmd += ["--set", s]
+            if ":" not in s.split("=")[0] or s.split(":")[0] in self.bundles:
+                cmd += ["--set", s]
         return cmd
 
     def start(self, *extra: str) -> None:
@@ -232,6 +237,7 @@ class Server:
                 break
             assert time.time() < deadline, f"training still running after 240 s:\n{self.tail()}"
             time.sleep(1)
+        self.task = task
         details = "\n".join(task.get("details", []))
         assert task["status"] == expect, f"{bundle}: {task['status']}:\n{details[-6000:]}\n{self.tail()}"
         self.log.flush()

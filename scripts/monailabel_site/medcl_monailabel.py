@@ -40,6 +40,18 @@
    that have no final label (plus the bundle's ``unlabelled_dir``), never a labelled study (matched by path and by
    file name); no such study: no round, with a warning.
 4. ``model_filename`` lists and accepts segmentation checkpoints only (as above).
+5. No labelled study in the datastore (no final label): the request is refused before anything runs or is written,
+   with one message that says to label a study first (a synchronous ``/train?run_sync=true`` answers 409 with it;
+   a queued one ends ``ERROR`` with it as the task's last line, no traceback).
+6. Pre-training (bundles with ``configs/pretrain.json``: MACL, MixCL): ``"pretrain": true`` in the request (listed,
+   off, in the trainer's ``/info/`` options beside ``pretrain_epochs``) first runs the bundle's ``pretrain.json`` on
+   the datastore and writes ``models/pretrained.pt`` (with its weights manifest, whose ``dataset`` names the
+   datastore and its image count), then fine-tunes ``train.json`` on the labelled studies from those new
+   pre-trained weights: the served model is not a starting point for that run (a requested pre-training always
+   re-initialises), and the run's validation replaces ``model.pt``. MACL pre-trains on every datastore image
+   (labelled and unlabelled: its loss needs no label); MixCL's loss needs label maps, so it pre-trains on the
+   labelled training studies (the fine-tuning's own, no validation study), and a log line says how many unlabelled
+   studies it could not use.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ import copy
 import json
 import logging
 import os
+import sys
 
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -62,6 +75,18 @@ RUN_STATE_PREFIX = "run_state"
 PRETRAINED_PREFIX = "pretrained"
 PRETRAINED_LOADER = "PretrainedLoader"
 MANIFEST_SUFFIX = ".manifest.json"  # medcl.weights.MANIFEST_SUFFIX
+PRETRAIN_CONFIG = "pretrain.json"
+TRAIN_SUBPROCESS = "monailabel.interfaces.utils.app"  # what MONAI Label runs a queued /train in
+
+
+def _refuse(message: str, status: int = 400):
+    """Stop a training request with one message. In MONAI Label's training subprocess (a queued ``/train``) the
+    process exits with the message as its last output line (the task's details end with it, status ``ERROR``);
+    in the server (``/train?run_sync=true``) the request is answered ``status`` with the message as its detail."""
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(main, "name", None) == TRAIN_SUBPROCESS:
+        raise SystemExit(f"[medcl] training refused: {message}")
+    raise HTTPException(status_code=status, detail=message)
 
 
 def _manifest_role(path: str) -> str | None:
@@ -273,22 +298,161 @@ class BundleInferTask(_BundleInferTask):
 
 
 class BundleTrainTask(_BundleTrainTask):
+    _served = None
+    _datastore = None
+    _pretrained_now = False
+    _pretrained_path = None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.bundle_path))
+
+    @property
+    def pretrain_config_path(self) -> str | None:
+        """``configs/pretrain.json`` of the bundle (MACL, MixCL), or None."""
+        path = os.path.join(self.bundle_path, "configs", PRETRAIN_CONFIG)
+        return path if os.path.isfile(path) else None
+
     def config(self):
         options = super().config()
         options["model_filename"] = selectable_models(os.path.join(self.bundle_path, "models"))
+        if self.pretrain_config_path:
+            options["pretrain"] = False  # a checkbox in 3D Slicer's training options
+            options["pretrain_epochs"] = self._pretrain_epochs_default()
         return options
+
+    def _pretrain_epochs_default(self) -> int:
+        try:
+            with open(self.pretrain_config_path) as f:
+                epochs = json.load(f).get("max_epochs")
+        except (OSError, ValueError, TypeError):
+            epochs = None
+        return epochs if isinstance(epochs, int) and epochs > 0 else 1
 
     def __call__(self, request, datastore):
         name = _requested_file(request)
         path = os.path.join(self.bundle_path, "models", name)
         if not is_segmentation_checkpoint(path):
-            raise ValueError(
+            _refuse(
                 f"model_filename {name} is not a segmentation checkpoint (run states and pre-training exports "
                 f"cannot start a training); choose one of {selectable_models(os.path.dirname(path)) or '[]'}."
             )
-        self._served = path if request.get("pretrained", True) and os.path.isfile(path) else None
+        pretrain = _flag(request.get("pretrain", False))
+        if pretrain and not self.pretrain_config_path:
+            _refuse(
+                f'{self.name} has no pre-training (no configs/{PRETRAIN_CONFIG}); "pretrain": true applies to '
+                "bundles that have one (macl, mixcl). Send the request without it."
+            )
+        labelled = self._fetch_datalist(request, datastore)
+        if not labelled:
+            images = len(datastore.list_images())
+            _refuse(
+                f"{self.name}: the datastore has no labelled study ({images} image(s), none with a final label), "
+                "so there is nothing to train on. Label a study first (save it as final: 3D Slicer's or OHIF's "
+                "Submit Label, or PUT /datastore/label?image=<id>&tag=final with the label file), then send the "
+                "training request again. Nothing was trained or overwritten.",
+                status=409,
+            )
         self._datastore = datastore
+        self._pretrained_now = False
+        if pretrain:
+            self._pretrain(request, datastore, labelled)
+            self._pretrained_now = True
+            # the fine-tuning starts from the new pre-trained weights: MONAI Label adds no CheckpointLoader
+            request = {**request, "pretrained": False}
+        self._served = path if _flag(request.get("pretrained", True)) and os.path.isfile(path) else None
         return super().__call__(request, datastore)
+
+    def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
+        # MONAI Label 0.8.5 calls os.path.exists(None) for "pretrained": false (TypeError: the request failed)
+        if pretrained and model_pytorch and os.path.exists(model_pytorch):
+            super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
+
+    def _pretrain(self, request, datastore, labelled) -> None:
+        """Run ``configs/pretrain.json`` on the datastore; it writes ``models/pretrained.pt`` and its manifest."""
+        import monai.bundle
+        from monai.bundle import ConfigParser
+        from monailabel.utils.others.generic import name_to_device
+
+        epochs = request.get("pretrain_epochs") or self._pretrain_epochs_default()
+        if isinstance(epochs, str) and epochs.strip().isdigit():
+            epochs = int(epochs)
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            _refuse(f"pretrain_epochs must be a whole number >= 1, got {epochs!r}.")
+        parser = ConfigParser()
+        parser.read_config(self.pretrain_config_path)
+        parser["bundle_root"] = self.bundle_path
+        images = sorted(datastore.list_images())
+        unlabelled = len(datastore.get_unlabeled_images())
+        if parser.get("pretrain_dataset_dirs") is not None:
+            # MixCL: the label-consistency loss needs label maps; the fine-tuning's training studies only
+            from medcl.data import read_dataset_info
+
+            train_ds, _ = self._partition_datalist(labelled, request)
+            modality = read_dataset_info(_parsed(parser, "dataset_dir")).modality
+            data = [{"image": d["image"], "label": d["label"], "dataset_id": 0, "modality": modality} for d in train_ds]
+            what = (
+                f"the {len(data)} labelled training studies (its loss needs label maps: {unlabelled} unlabelled and "
+                f"{len(labelled) - len(data)} validation studies not used)"
+            )
+        else:
+            data = [{"image": datastore.get_image_uri(i)} for i in images]
+            what = f"all {len(data)} datastore images ({len(images) - unlabelled} labelled, {unlabelled} unlabelled)"
+        batch_size = _parsed(parser, "batch_size", 1)
+        if isinstance(batch_size, int) and len(data) < batch_size:  # drop_last: not one batch
+            _refuse(
+                f"{self.name}: pre-training needs at least batch_size ({batch_size}) studies, the datastore gives "
+                f"{what}: label more studies{' or lower val_split' if len(data) < len(labelled) else ''}, then send "
+                "the request again. Nothing was trained or overwritten.",
+                status=409,
+            )
+        studies = getattr(datastore, "_datastore_path", None)
+        overrides = {
+            "bundle_root": self.bundle_path,
+            "device": name_to_device(request.get("device", "cuda")),
+            "max_epochs": epochs,
+            "pretrain_datalist": data,
+            "weights_manifest#dataset": {
+                "dir": os.path.abspath(studies) if studies else None,
+                "source": "MONAI Label datastore",
+                "num_images": len(data),
+                "num_labelled": len(images) - unlabelled,
+                "num_unlabelled": unlabelled,
+            },
+        }
+        ckpt_dir = _parsed(parser, "ckpt_dir", os.path.join(self.bundle_path, "models"))
+        self._pretrained_path = os.path.join(str(ckpt_dir), "pretrained.pt")
+        before = _file_stamp(self._pretrained_path)
+        self._say(f"{self.name}: pre-training ({PRETRAIN_CONFIG}, {epochs} epoch(s)) on {what}")
+        try:
+            monai.bundle.run(
+                run_id="run",
+                init_id=None,
+                final_id=None,
+                meta_file=self.bundle_metadata_path,
+                config_file=self.pretrain_config_path,
+                **overrides,
+            )
+        except Exception as e:
+            logger.exception(f"{self.name}: pre-training failed")
+            cause = e
+            while cause.__cause__ is not None:  # MONAI wraps the error in "Failed to evaluate ..." RuntimeErrors
+                cause = cause.__cause__
+            reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:400]
+            hint = ""
+            if "Output size is too small" in reason or "too small" in reason.lower():
+                hint = (
+                    f" The patches are too small for the network (patch_size {_parsed(parser, 'patch_size')}, "
+                    f"spatial_dims {_parsed(parser, 'spatial_dims')}, view scale {_parsed(parser, 'scale', 1)}): "
+                    f"restart scripts/start_monailabel.sh with a larger --set {self.name}:patch_size=[...]."
+                )
+            kept = "unchanged" if _file_stamp(self._pretrained_path) == before else "replaced by the interrupted run"
+            _refuse(
+                f"{self.name}: pre-training failed: {reason}.{hint} No fine-tuning ran: model.pt is unchanged, "
+                f"pretrained.pt {kept} (the server log has the traceback).",
+                status=500,
+            )
+        self._say(f"{self.name}: pre-training done: {self._pretrained_path}")
 
     def _say(self, message: str, warning: bool = False) -> None:
         # the training subprocess logs to its stdout: the server log and the task's details (GET /train/)
@@ -323,7 +487,18 @@ class BundleTrainTask(_BundleTrainTask):
             init = _parsed(cfg, "init")
             ckpt = _parsed(cfg, "pretrained_ckpt")
             has_pretrained = isinstance(ckpt, str) and os.path.isfile(ckpt)
-            if self._served:
+            if self._pretrained_now:
+                ckpt = self._pretrained_path  # what pretrain.json wrote
+                if not os.path.isfile(ckpt):
+                    _refuse(f"{name}: the pre-training wrote no {ckpt}; see the log above.", 500)
+                overrides["pretrained_ckpt"] = ckpt
+                if init == "random":
+                    overrides["init"] = "pretrained"
+                self._say(
+                    f"{name}: pretrain requested: fine-tuning from the new pre-training checkpoint {ckpt} (the served "
+                    "model is not a starting point for this run)"
+                )
+            elif self._served:
                 overrides[self.const.key_train_handlers()] = [
                     h for h in handlers if not str(h.get("_target_", "")).endswith(PRETRAINED_LOADER)
                 ]
@@ -381,6 +556,21 @@ class BundleTrainTask(_BundleTrainTask):
             f"(bundle: {total - num_rounds * round_epochs} + {num_rounds} x {round_epochs}); pool of {len(kept)} "
             f"unlabelled studies: {', '.join(os.path.basename(d['image']) for d in kept) or 'none'}"
         )
+
+
+def _file_stamp(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _flag(value) -> bool:
+    """A request's boolean option, also as sent by form-based clients ("true"/"false")."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _stem(path: str) -> str:
