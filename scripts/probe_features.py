@@ -132,20 +132,12 @@ def main(
         torch.manual_seed(seed)
         return parser.get_parsed_content("network_def", instantiate=True, lazy=False)
 
+    def probe_network(name: str, net: torch.nn.Module) -> dict:
+        feats = (layer_features(net, train, layer), layer_features(net, val, layer))
+        return _probe(name, feats[0], train_lab, feats[1], val_lab, per_class, k, seed)
+
     rows = [_probe("intensity_5x5", _patches(train), train_lab, _patches(val), val_lab, per_class, k, seed)]
-    net = network()
-    rows.append(
-        _probe(
-            "random_init",
-            layer_features(net, train, layer),
-            train_lab,
-            layer_features(net, val, layer),
-            val_lab,
-            per_class,
-            k,
-            seed,
-        )
-    )
+    rows.append(probe_network("random_init", network()))
     for name, path in (ckpts or {}).items():
         net = network()
         prefixes = None
@@ -154,19 +146,7 @@ def main(
 
             prefixes = pretrained_prefixes(net)
         load_pretrained(net, path, prefixes=prefixes, strict=prefixes is not None)
-        rows.append(
-            _probe(
-                name,
-                layer_features(net, train, layer),
-                train_lab,
-                layer_features(net, val, layer),
-                val_lab,
-                per_class,
-                k,
-                seed,
-            )
-            | {"checkpoint": str(path)}
-        )
+        rows.append(probe_network(name, net) | {"checkpoint": str(path)})
     for row in rows:
         print(json.dumps(meta | row), flush=True)
 
