@@ -11,7 +11,9 @@ studies labelled, two to annotate; the dataset's label names differ from the bun
   a warning and its val_interval 10 lowered to the requested epoch, localcl_selftrain with a self-training round that
   pseudo-labels the one unlabelled study and not the one just labelled, scratch_baseline from its served model
   with no validation study (val_split 0);
-- run_state.pt is never offered as a model; a restart keeps the weights trained in MONAI Label.
+- run_state.pt is never offered as a model; a restart keeps the weights trained in MONAI Label;
+- a requested pre-training that fails (macl's 32² patches are too small for it) ends with one message, no weights
+  file changed (the pre-training that works: tests/test_monailabel_unlabelled.py).
 
 The helper's own tests (no server): the self-training schedule fitted into the requested epochs, and the
 preparation step of start_monailabel.sh (kept weights, per-bundle --set). Needs the separate MONAI Label venv made
@@ -358,6 +360,19 @@ def test_macl_trains_from_pretraining_then_from_its_served_model(server, tmp_pat
     assert info["trainers"]["macl"]["config"]["model_filename"] == ["model.pt", "model_final.pt"]
     details = server.train("macl", 1, expect="ERROR", model_filename="run_state.pt")
     assert "model_filename run_state.pt is not a segmentation checkpoint" in details, details[-4000:]
+
+
+@pytest.mark.slow
+@needs_monailabel
+def test_a_failed_pretraining_ends_with_one_message_and_keeps_the_weights(server):
+    # macl's 2D views are scaled by 0.25 before a 4-level BasicUNet: the app's 32² patches are too small for it
+    models = server.models("macl")
+    before = {p: p.read_bytes() for p in models.glob("*.pt")}
+    server.train("macl", 1, expect="ERROR", pretrain=True, pretrain_epochs=1)
+    last = list(server.task["details"])[-1]
+    assert "macl: pre-training failed: RuntimeError: " in last and "Output size is too small" in last, last
+    assert "--set macl:patch_size=[...]" in last and "model.pt is unchanged, pretrained.pt unchanged" in last, last
+    assert {p: p.read_bytes() for p in models.glob("*.pt")} == before
 
 
 @pytest.mark.slow

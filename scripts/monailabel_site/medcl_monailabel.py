@@ -51,7 +51,10 @@
    re-initialises), and the run's validation replaces ``model.pt``. MACL pre-trains on every datastore image
    (labelled and unlabelled: its loss needs no label); MixCL's loss needs label maps, so it pre-trains on the
    labelled training studies (the fine-tuning's own, no validation study), and a log line says how many unlabelled
-   studies it could not use.
+   studies it could not use. Fewer studies than the pre-training ``batch_size``: refused (409) before it runs. A
+   pre-training that fails: one line with the reason (and a hint for patches too small for the network), no
+   fine-tuning, ``model.pt`` unchanged. ``"pretrain": true`` on a bundle without ``pretrain.json``: 400.
+7. ``"pretrained": false`` works (MONAI Label 0.8.5 failed such a request with ``os.path.exists(None)``).
 """
 
 from __future__ import annotations
