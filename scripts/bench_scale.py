@@ -5,6 +5,7 @@ CL) as the number of volumes grows, as real ``python -m monai.bundle run`` proce
     python scripts/bench_scale.py --sizes "[50,500]" --iterations 10
     python scripts/bench_scale.py --sizes "[50,500]" --pool_mode memory   # today's in-memory pools, for contrast
     python scripts/bench_scale.py --distinct 200                    # N volumes made of 200 generated ones (faster)
+    python scripts/bench_scale.py --sizes "[50,2000]" --only_checks true   # input checks now vs deferred, in-process
 
 For each N, a phantom dataset of N volumes of 64 x 64 x 48 (``medcl.data.phantom``) is written under ``--work``
 (default ``/tmp/medcl_bench_scale``; never the repository): ``round(N / (1 - val_fraction))`` labelled training
@@ -256,6 +257,7 @@ def main(
     timeout: int = 3600,
     keep: bool = False,
     mixcl_cpu: bool = True,
+    only_checks: bool = False,
 ) -> None:
     """Print one JSON line per (bundle, N).
 
@@ -269,10 +271,13 @@ def main(
         timeout: seconds per run.
         keep: keep the runs' folders (caches, logs) after each run.
         mixcl_cpu: run MixCL's narrow UNETR on 32^3 patches (see ``MIXCL_CPU``); ``False`` for the paper's network.
+        only_checks: time only the input checks of the datalist (:func:`checks`), no bundle run.
     """
     work_dir = Path(work)
     if work_dir.resolve().is_relative_to(REPO):
         raise SystemExit(f"--work {work}: put the benchmark's data outside the repository (e.g. /tmp).")
+    if only_checks:
+        return checks(sizes, distinct=distinct or 100, work=work)
     for n in sizes:
         dataset = make_dataset(work_dir, int(n), int(distinct))
         for bundle in bundles:
@@ -280,6 +285,52 @@ def main(
             print(json.dumps(row), flush=True)
             if not keep:
                 shutil.rmtree(work_dir / "runs", ignore_errors=True)
+
+
+def checks(
+    sizes: list[int] | tuple[int, ...] = (50, 2000),
+    repeats: int = 3,
+    distinct: int = 100,
+    defer_above: int = 100,
+    work: str = "/tmp/medcl_bench_scale",
+) -> None:
+    """The start-up part that grows with N, in one process: ``medcl.data.load_splits`` (read dataset.json, check the
+    files, split) with every file checked now and with the check deferred above ``defer_above`` (the bundles'
+    ``pool_memory_max``), sizes and modes interleaved ``repeats`` times. One JSON line per (N, mode): medians of
+    process (CPU) and wall seconds.
+
+    Args:
+        sizes: pool sizes N (datasets made as by ``main``).
+        repeats: rounds over every (N, mode).
+        distinct: generate only this many distinct cases per dataset, the rest are links.
+        defer_above: the deferral limit of the deferred mode.
+        work: scratch folder for the datasets (outside the repository).
+    """
+    import logging
+    import statistics
+
+    from medcl.data import checks as input_checks
+    from medcl.data import load_splits
+
+    logging.disable(logging.WARNING)
+    datasets = {int(n): make_dataset(Path(work), int(n), int(distinct)) for n in sizes}
+    times: dict[tuple[int, int | None], list[tuple[float, float]]] = {}
+    for _ in range(int(repeats)):
+        for n, dataset in datasets.items():
+            for defer in (None, int(defer_above)):
+                input_checks._CHECKED.clear()
+                cpu, wall = time.process_time(), time.perf_counter()
+                load_splits(str(dataset), val_fraction=VAL_FRACTION, defer_checks_above=defer)
+                times.setdefault((n, defer), []).append((time.process_time() - cpu, time.perf_counter() - wall))
+    for (n, defer), runs in times.items():
+        row = {
+            "n": n,
+            "checks": "all now" if defer is None else f"deferred above {defer}",
+            "load_splits_cpu_s": round(statistics.median(r[0] for r in runs), 3),
+            "load_splits_wall_s": round(statistics.median(r[1] for r in runs), 3),
+            "repeats": len(runs),
+        }
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
