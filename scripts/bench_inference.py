@@ -1,7 +1,7 @@
 """Whole-volume 2D inference cost: MONAI's SliceInferer (medcl < 0.2) vs SliceBatchInferer vs one bare network call.
 
     python scripts/bench_inference.py                              # every bundle's 2D network, 64 x 64 x 48
-    python scripts/bench_inference.py --shape "[512,512,200]" --repeats 1 --bundles "[scratch_baseline]"
+    python scripts/bench_inference.py --shape "[512,512,200]" --repeats 1 --network_chunk 16
 
 Each bundle's ``network_def`` from its ``inference.json`` (2D, 5 classes, in-plane window = the volume's slice, so
 one window per slice) predicts one random volume three ways, timed interleaved in process time with
@@ -37,14 +37,32 @@ def _network(bundle: str, roi: tuple[int, int]) -> torch.nn.Module:
     return parser.get_parsed_content("network_def", instantiate=True).eval()
 
 
+def _network_only(net: torch.nn.Module, volume: torch.Tensor, chunk: int) -> None:
+    slices = volume[0].permute(3, 0, 1, 2)
+    step = chunk or slices.shape[0]
+    for start in range(0, slices.shape[0], step):
+        net(slices[start : start + step])
+
+
 def main(
     shape: tuple = (64, 64, 48),
     bundles: tuple = BUNDLES,
     slice_batch_size: int = 8,
     repeats: int = 3,
     threads: int = 1,
+    network_chunk: int = 0,
 ) -> None:
-    """Print one JSON line per bundle (see the module docstring)."""
+    """Print one JSON line per bundle (see the module docstring).
+
+    Args:
+        shape: the volume's (X, Y, Z); slices are axial (the last axis).
+        bundles: folders under ``bundles/``.
+        slice_batch_size: slices per call of ``SliceBatchInferer``.
+        repeats: timed rounds (medians are reported).
+        threads: torch CPU threads.
+        network_chunk: slices per call of the floor (c); 0: all in one call (at 512 x 512 x 200 that needs tens of
+            GiB: give e.g. 16).
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x, y, z = (int(s) for s in shape)
@@ -57,7 +75,7 @@ def main(
                 spatial_dim=2, roi_size=(x, y), sw_batch_size=4, overlap=0.25, mode="gaussian"
             )(volume, n),
             "slice_batch_s": lambda n=net: SliceBatchInferer((x, y), 2, slice_batch_size)(volume, n),
-            "network_only_s": lambda n=net: n(volume[0].permute(3, 0, 1, 2)),
+            "network_only_s": lambda n=net: _network_only(n, volume, network_chunk),
         }
         times: dict[str, list[float]] = {k: [] for k in ways}
         with torch.no_grad():
@@ -76,6 +94,7 @@ def main(
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "threads": threads,
             "slice_batch_size": slice_batch_size,
+            "network_chunk": network_chunk,
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
