@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -21,3 +22,4 @@ def test_checks_rows(tmp_path, capsys):
         (6, "deferred above 4"),
     ]
     assert all(r["load_splits_wall_s"] >= 0 and r["repeats"] == 1 for r in rows)
+    assert logging.root.manager.disable == logging.NOTSET  # the process's logging is left as it was
