@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import BUNDLES, REPO, run_bundle
 from monai.networks.nets import BasicUNet
+from test_bundle_macl import TINY  # the MACL bundle tests' tiny run
 from torch import nn
 
 from medcl.data import check_datalist
@@ -27,22 +28,6 @@ from medcl.weights import adapt_in_channels, manifest_path, network_spec, read_m
 from medcl.weights.__main__ import main as inspect_main
 
 CONFIGS = BUNDLES / "macl" / "configs"
-TINY = [
-    "--patch_size",
-    "64",
-    "--max_epochs",
-    "1",
-    "--epoch_length",
-    "2",
-    "--num_workers",
-    "0",
-    "--batch_size",
-    "1",
-    "--samples_per_volume",
-    "2",
-    "--cache_rate",
-    "0",
-]
 FEATURES = (8, 8, 16, 16, 32, 8)
 
 
