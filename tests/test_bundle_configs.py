@@ -139,3 +139,18 @@ def test_finetune_without_pretrained_checkpoint_names_the_pretrain_command(bundl
     assert proc.returncode != 0
     assert "pretrained.pt: checkpoint not found" in proc.stdout
     assert f"python -m monai.bundle run --config_file bundles/{bundle.name}/configs/pretrain.json" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "bundle", [b for b in BUNDLE_DIRS if (b / "configs" / "pretrain.json").is_file()], ids=lambda p: p.name
+)
+def test_finetuning_finds_the_pretraining_checkpoint_under_the_same_ckpt_dir(bundle, tmp_path):
+    """pretrain.json writes ``<ckpt_dir>/pretrained.pt``; train.json with the same ``--ckpt_dir`` reads that file."""
+    written, read = ConfigParser(), ConfigParser()
+    written.read_config(str(bundle / "configs/pretrain.json"))
+    read.read_config(str(bundle / "configs/train.json"))
+    for parser in (written, read):
+        parser.update({"bundle_root": str(tmp_path / "root"), "ckpt_dir": str(tmp_path / "elsewhere")})
+    saver = next(h for h in written["train"]["handlers"] if h.get("final_filename") == "pretrained.pt")
+    assert saver["save_dir"] == "@ckpt_dir"
+    assert read.get_parsed_content("pretrained_ckpt") == str(tmp_path / "elsewhere" / "pretrained.pt")
